@@ -98,12 +98,19 @@ def build_qwen_model(
     head_dim: Optional[int] = None,
     max_position_embeddings: int = 2048,
     tie_word_embeddings: bool = True,
+    vocab_size: Optional[int] = None,
     seed: int = 0,
     dtype: str = "float32",
+    device: str = "cpu",
     out_dir: Optional[str | Path] = None,
 ) -> PreTrainedModel:
     """A randomly initialised Qwen3/Qwen2 causal LM sized to `tokenizer` (eos/pad wired into config and
-    generation_config). With `out_dir`, the model and the tokenizer are saved there as one HF folder."""
+    generation_config). `vocab_size` pads the embedding beyond the tokenizer, as real Qwen checkpoints do (151936
+    rows for ~151.7k tokens), so a benchmark pays the real LM-head cost; `device` is where the weights are drawn
+    (a large model initialises much faster on a GPU). With `out_dir`, the model and the tokenizer are saved there
+    as one HF folder."""
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     if heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
     head_dim = head_dim or hidden // heads
@@ -113,7 +120,7 @@ def build_qwen_model(
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     pad_id = tokenizer.convert_tokens_to_ids(PAD)
     common = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -138,7 +145,8 @@ def build_qwen_model(
     else:
         raise ValueError(f"family must be 'qwen3' or 'qwen2', got {family!r}")
     torch.manual_seed(seed)
-    model = model_cls(config).to(torch_dtype)
+    with torch.device(device):
+        model = model_cls(config).to(torch_dtype)
     model.config.dtype = torch_dtype
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = pad_id

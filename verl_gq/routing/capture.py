@@ -46,6 +46,11 @@ class Segments:
             raise ValueError("these segments stash no per-token gradients (token_mask was not given)")
         return self.example_of_position[self.token_positions]
 
+    def to(self, device: torch.device) -> "Segments":
+        """The same segments on `device` (built where the batch's offsets live, used where the activations are)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Segments(move(self.example_of_position), self.n_examples, move(self.token_positions))
+
     @classmethod
     def padded(
         cls,

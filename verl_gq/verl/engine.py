@@ -156,11 +156,17 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         return loss, output
 
     def _segments_of(self, micro_batch: TensorDict) -> Segments:
-        """Which packed (or padded) position belongs to which rollout, and which positions score response tokens.
+        """Which packed (or padded) position belongs to which rollout, and which positions score response tokens,
+        on the knobs' device.
 
         Response token j of rollout i is scored at the position before it (next-token logits): positions
-        [prompt_len_i - 1, len_i - 1) of the sequence, as verl's no_padding_2_padding slices log-probs.
+        [prompt_len_i - 1, len_i - 1) of the sequence, as verl's no_padding_2_padding slices log-probs. verl hands
+        forward_step the micro-batch still on the host, so the index arithmetic (and its checks) costs no device
+        sync; the finished index tensors are copied to the device once.
         """
+        return self._host_segments_of(micro_batch).to(self.adapter.knob_parameters()[0].device)
+
+    def _host_segments_of(self, micro_batch: TensorDict) -> Segments:
         input_ids = micro_batch["input_ids"]
         seq_lens = input_ids.offsets().diff()
         resp_lens = micro_batch["responses"].offsets().diff().to(seq_lens.device)

@@ -1,0 +1,215 @@
+"""Actor-update cost of route2b against vanilla, through the real gq engine (verl's FSDP2 engine, verl's ppo_loss).
+
+    python scripts/bench_route2b.py --shape qwen3-1.7b                  # the H100: bf16, 16 x (1536 + 1536) tokens
+    python scripts/bench_route2b.py --shape tiny                        # CPU, CI-sized: the same ratios, tiny model
+
+Per (rank, checkpointing) it builds ONE engine (method route2b, direction frozen after its first extraction) and
+switches the arm on it between steps, so every arm runs on the same weights, shards and allocator:
+  vanilla         the same adapter, no routing: keep-knob gradients by plain autograd (the vanilla arm's path)
+  route2b         per-rollout stash -> gate -> route (the engine's route2b path, granularity rollout)
+  route2b_token   per-token stash and gate (granularity token)
+Arms alternate step by step (one warm-up step each first); each timed step is zero_grad + forward/backward of the
+whole mini-batch + optimizer step, synchronised. It prints per arm the median step time, the spread (min-max over
+repeats), the ratio to vanilla's median, and the peak memory of the step with its ratio to vanilla's; then the
+direction refresh's cost per refresh and amortised over refresh = 5 optimizer steps, against a vanilla step.
+The batch is random tokens of the stated lengths (the cost does not depend on their values); the pair set is the
+shipped one, tokenized by the benchmark model's small local tokenizer (longer token sequences than Qwen's).
+`--json PATH` also writes every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+
+SHAPES = {
+    # Qwen3-1.7B's config.json (hub): 28 layers, hidden 2048, 16 heads of 128 with 8 kv heads, MLP 6144, vocab 151936
+    "qwen3-1.7b": dict(hidden=2048, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=6144, vocab_size=151936),
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab_size=None),
+}
+ARMS = ("vanilla", "route2b", "route2b_token")
+
+
+def build_model_dir(shape: str, out_dir: str, device: str) -> str:
+    from verl_gq.models import build_qwen_model, tiny_corpus, train_tokenizer
+
+    tokenizer = train_tokenizer(tiny_corpus(), 512)
+    dims = SHAPES[shape]
+    build_qwen_model(tokenizer, family="qwen3", max_position_embeddings=8192, dtype="bfloat16" if device == "cuda"
+                     else "float32", device=device, out_dir=out_dir, **dims)
+    return out_dir
+
+
+def write_pair_subset(per_mode: int, out_path: str) -> str:
+    """The first `per_mode` shipped pairs of each mode (the refresh cost grows with the pair count)."""
+    from reward.modes import MODES
+    from reward.pairs import SHIPPED_PAIRS
+
+    rows = [json.loads(line) for line in open(SHIPPED_PAIRS) if line.strip()]
+    keep = [r for mode in MODES for r in [x for x in rows if x["mode"] == mode][:per_mode]]
+    with open(out_path, "w") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in keep))
+    return out_path
+
+
+def select_arm(engine, controller, base_gq, arm: str) -> None:
+    """Point the engine at one arm's code path. vanilla = no controller: the engine's plain-capture path, where the
+    quarantine knob is detached and gets no gradient, exactly as in an engine built with method vanilla."""
+    if arm == "vanilla":
+        engine.route2b = None
+        return
+    gq = dataclasses.replace(base_gq, granularity="token" if arm == "route2b_token" else "rollout")
+    engine.gq = controller.gq = gq
+    engine.route2b = controller
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_update(engine, data, loss_fn, device: str) -> tuple[float, float]:
+    """One actor update (seconds) and its peak memory (GiB; CPU: nan)."""
+    import torch
+
+    from verl_gq.verl.engine_driver import actor_update
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    start = time.perf_counter()
+    actor_update(engine, data, loss_fn)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return elapsed, peak
+
+
+def bench_config(model_dir: str, pair_file: str, args, rank, checkpointing: bool, device: str) -> dict:
+    import gc
+
+    import torch
+
+    from verl_gq.verl.engine_driver import actor_loss_fn, build_engine, make_batch
+
+    micro_batch = args.micro_batch if checkpointing else args.micro_batch_no_ckpt
+    gq = {"method": "route2b", "rank": rank, "refresh": 0, "pair_file": pair_file,
+          "max_pair_tokens": 16384}
+    started = time.perf_counter()
+    engine = build_engine(model_dir, gq, remove_padding=False, checkpointing=checkpointing, micro_batch=micro_batch,
+                          precision="bf16" if device == "cuda" else "fp32", lr=1e-6)
+    build_seconds = time.perf_counter() - started
+    controller, base_gq = engine.route2b, engine.gq
+    vocab = engine.model_config.hf_config.vocab_size
+    data = make_batch(0, args.n, vocab, micro_batch, prompt_len=(args.prompt, args.prompt + 1),
+                      response_len=(args.response, args.response + 1), remove_padding=False)
+    loss_fn = actor_loss_fn(rollout_n=1, mini_batch=args.n)
+    times = {arm: [] for arm in ARMS}
+    peaks = {arm: [] for arm in ARMS}
+    for arm in ARMS:  # warm-up (allocator, kernels; route2b's first step extracts the direction)
+        select_arm(engine, controller, base_gq, arm)
+        timed_update(engine, data, loss_fn, device)
+    for _ in range(args.repeats):
+        for arm in ARMS:
+            select_arm(engine, controller, base_gq, arm)
+            elapsed, peak = timed_update(engine, data, loss_fn, device)
+            times[arm].append(elapsed)
+            peaks[arm].append(peak)
+    refresh = []
+    for _ in range(args.refresh_repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        with engine.train_mode():
+            controller.refresh()
+        synchronize(device)
+        refresh.append(time.perf_counter() - start)
+    del engine, controller
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"rank": rank, "checkpointing": checkpointing, "micro_batch": micro_batch, "build_seconds": build_seconds,
+            "times": times, "peaks": peaks, "refresh": refresh}
+
+
+def report(result: dict, refresh_every: int) -> None:
+    times, peaks = result["times"], result["peaks"]
+    base_t = statistics.median(times["vanilla"])
+    base_m = max(peaks["vanilla"])
+    print(f"\nrank={result['rank']} checkpointing={'on' if result['checkpointing'] else 'off'} "
+          f"micro_batch={result['micro_batch']} (engine build {result['build_seconds']:.0f}s)")
+    for arm in ARMS:
+        t = times[arm]
+        ratio = statistics.median(t) / base_t
+        spread = f"[{min(t) / base_t:.3f}, {max(t) / base_t:.3f}]"
+        memory = ""
+        if peaks[arm][0] == peaks[arm][0]:  # not nan: a GPU run
+            memory = f"  peak {max(peaks[arm]):6.2f} GiB  x{max(peaks[arm]) / base_m:.3f}"
+        print(f"  {arm:14s} step {statistics.median(t):8.4f}s  x{ratio:.3f} vs vanilla  (min-max {spread}){memory}")
+    r = statistics.median(result["refresh"])
+    print(f"  direction refresh {r:.3f}s = x{r / base_t:.3f} of a vanilla step; amortised at refresh={refresh_every}:"
+          f" +{r / refresh_every / base_t * 100:.1f}% per step")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--ranks", help="comma-separated ints and/or 'full' (default 64,full GPU; 8 CPU)")
+    parser.add_argument("--checkpointing", default="on,off", help="comma-separated on/off")
+    parser.add_argument("--n", type=int, help="sequences per mini-batch (default 16 GPU, 8 CPU)")
+    parser.add_argument("--prompt", type=int, help="prompt tokens (default 1536 GPU, 24 CPU)")
+    parser.add_argument("--response", type=int, help="response tokens (default 1536 GPU, 24 CPU)")
+    parser.add_argument("--micro-batch", type=int, help="micro-batch with checkpointing (default 4)")
+    parser.add_argument("--micro-batch-no-ckpt", type=int, help="micro-batch without checkpointing (GPU 1, CPU 4)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--refresh-repeats", type=int, default=2)
+    parser.add_argument("--pairs-per-mode", type=int, help="shipped pairs per mode for the direction (default: all "
+                        "18 on GPU, 2 on CPU)")
+    parser.add_argument("--refresh-every", type=int, default=5)
+    parser.add_argument("--json", help="write every measurement here")
+    args = parser.parse_args()
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.environ.setdefault("VERL_PLATFORM", "cpu")
+    big = device == "cuda"
+    args.ranks = args.ranks or ("64,full" if big else "8")
+    args.n = args.n or (16 if big else 8)
+    args.prompt = args.prompt or (1536 if big else 24)
+    args.response = args.response or (1536 if big else 24)
+    args.micro_batch = args.micro_batch or 4
+    args.pairs_per_mode = args.pairs_per_mode or (18 if big else 2)
+    args.micro_batch_no_ckpt = args.micro_batch_no_ckpt or (1 if big else 4)
+
+    from verl_gq.verl.engine_driver import init_process_group
+
+    init_process_group()
+    ranks = [r if r == "full" else int(r) for r in args.ranks.split(",")]
+    ckpts = [c == "on" for c in args.checkpointing.split(",")]
+    print(f"{args.shape} on {device} ({torch.cuda.get_device_name() if big else os.cpu_count()} "
+          f"{'' if big else 'cores'}), {args.n} x ({args.prompt} + {args.response}) tokens per mini-batch, "
+          f"{args.repeats} alternating repeats, {args.pairs_per_mode} pairs per mode; torch {torch.__version__}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model_dir(args.shape, os.path.join(tmp, "model"), device)
+        pair_file = write_pair_subset(args.pairs_per_mode, os.path.join(tmp, "pairs.jsonl"))
+        for rank in ranks:
+            for checkpointing in ckpts:
+                result = bench_config(model_dir, pair_file, args, rank, checkpointing, device)
+                report(result, args.refresh_every)
+                results.append(result)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "device": device, "results": results}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
