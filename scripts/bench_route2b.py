@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, help="micro-batch with checkpointing (default 4)")
     parser.add_argument("--micro-batch-no-ckpt", type=int, help="micro-batch without checkpointing (GPU 1, CPU 4)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--refresh-repeats", type=int, default=2)
+    parser.add_argument("--refresh-repeats", type=int, help="default 2 GPU, 1 CPU")
     parser.add_argument("--pairs-per-mode", type=int, help="shipped pairs per mode for the direction (default: all "
                         "18 on GPU, 2 on CPU)")
     parser.add_argument("--refresh-every", type=int, default=5)
@@ -187,6 +187,7 @@ def main() -> None:
     args.response = args.response or (1536 if big else 24)
     args.micro_batch = args.micro_batch or 4
     args.pairs_per_mode = args.pairs_per_mode or (18 if big else 2)
+    args.refresh_repeats = args.refresh_repeats or (2 if big else 1)
     args.micro_batch_no_ckpt = args.micro_batch_no_ckpt or (1 if big else 4)
 
     from verl_gq.verl.engine_driver import init_process_group
@@ -206,9 +207,9 @@ def main() -> None:
                 result = bench_config(model_dir, pair_file, args, rank, checkpointing, device)
                 report(result, args.refresh_every)
                 results.append(result)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "device": device, "results": results}, fh, indent=1)
+                if args.json:  # after every configuration: a run cut short keeps what it measured
+                    with open(args.json, "w") as fh:
+                        json.dump({"args": vars(args), "device": device, "results": results}, fh, indent=1)
 
 
 if __name__ == "__main__":
