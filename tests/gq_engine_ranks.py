@@ -163,6 +163,7 @@ if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model_dir, out_dir, options_json = sys.argv[1:4]
     result = run(model_dir, json.loads(options_json))
+    result["cpu_seconds"] = time.process_time()  # this rank's CPU time, imports included
     with open(Path(out_dir) / f"rank{dist.get_rank()}.json", "w") as fh:
         json.dump(result, fh)
     dist.destroy_process_group()
