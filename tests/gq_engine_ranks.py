@@ -38,6 +38,7 @@ from verl_gq.verl.engine_driver import (
 )
 
 SCRIPT = Path(__file__).resolve()
+REPO = SCRIPT.parent.parent
 
 
 def local_share(data, rank: int, world_size: int):
@@ -111,6 +112,13 @@ def state_after_step(engine) -> dict:
                               for k, v in engine.route2b.state_tensors().items()}}
 
 
+def python_path() -> str:
+    """PYTHONPATH for a rank process: this checkout first. A script's sys.path starts at its own folder (tests/), not
+    the working directory, so without it `import verl_gq` finds whatever checkout is installed editable in the
+    environment (another git worktree, say) and the test would run that code."""
+    return os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def launch(worlds: dict[int, Path], model_dir, options: dict, timeout: float = 300) -> dict[int, list[dict]]:
     """Run this script as a world of W ranks (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, one thread each) for each
     {W: out_dir} of `worlds`, all worlds at once (a 1-rank world mostly leaves the second core idle), and return
@@ -122,7 +130,7 @@ def launch(worlds: dict[int, Path], model_dir, options: dict, timeout: float = 3
         out_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "VERL_PLATFORM": "cpu",
-               "HF_HUB_OFFLINE": "1"}
+               "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path()}
         for rank in range(world_size):
             log = open(out_dir / f"rank{rank}.log", "w")
             proc = subprocess.Popen(
@@ -164,6 +172,9 @@ if __name__ == "__main__":
     model_dir, out_dir, options_json = sys.argv[1:4]
     result = run(model_dir, json.loads(options_json))
     result["cpu_seconds"] = time.process_time()  # this rank's CPU time, imports included
+    import verl_gq
+
+    result["verl_gq_file"] = verl_gq.__file__
     with open(Path(out_dir) / f"rank{dist.get_rank()}.json", "w") as fh:
         json.dump(result, fh)
     dist.destroy_process_group()

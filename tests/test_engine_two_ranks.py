@@ -58,6 +58,11 @@ def runs(tiny_model_dir: Path, tmp_path_factory) -> dict:
     }
     started = time.perf_counter()
     worlds = _driver().launch({1: tmp / "one", 2: tmp / "two"}, tiny_model_dir, options)
+    repo = DRIVER.resolve().parent.parent
+    for w in (1, 2):
+        for r in worlds[w]:
+            source = Path(r.pop("verl_gq_file")).resolve()
+            assert source.is_relative_to(repo), f"a rank imported verl_gq from {source}, not from this checkout {repo}"
     cpu = [r.pop("cpu_seconds") for w in (1, 2) for r in worlds[w]]
     print(f"1 rank and 2 ranks (concurrently): {time.perf_counter() - started:.1f} s wall, CPU s per rank {cpu}")
     return {"one": worlds[1][0], "two": worlds[2]}
