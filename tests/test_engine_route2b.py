@@ -7,6 +7,7 @@ one mini-batch's forward/backward as TrainingWorker does; the tests compare the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,8 +58,12 @@ def arms(tiny_model_dir: Path, tmp_path_factory) -> dict:
         },
     }
     out = tmp / "result.json"
+    # this checkout first: the harness's sys.path starts at tests/, so `import verl_gq` would otherwise find whichever
+    # checkout is installed editable in the environment (e.g. another git worktree)
+    repo = str(HARNESS.resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])])}
     subprocess.run([sys.executable, str(HARNESS), str(tiny_model_dir), str(out), json.dumps(options)],
-                   check=True, timeout=600)
+                   check=True, timeout=600, env=env)
     return json.loads(out.read_text())
 
 
