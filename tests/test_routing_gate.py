@@ -100,20 +100,44 @@ def live_rollouts(seed):
     return planted + ordinary
 
 
+def autograd_completion_gradients(model, adapter, prompt: list[int], completion: list[int]) -> dict:
+    """{module: (r,)} d log p(completion | prompt) / d keep-knob, by one plain autograd call on this sequence alone."""
+    keep_knobs = [layer.keep_knob for layer in adapter.layers.values()]
+    ids = torch.tensor([prompt + completion])
+    log_probs = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1], -1)
+    targets = ids[0, 1:]
+    log_p = log_probs[len(prompt) - 1 :].gather(-1, targets[len(prompt) - 1 :, None]).sum()
+    return dict(zip(adapter.layers, torch.autograd.grad(log_p, keep_knobs)))
+
+
 def test_pair_gradients_equal_per_sample_autograd_of_completion_log_prob(setup):
     model, adapter, pairs, grads = setup["model"], setup["adapter"], setup["pairs"], setup["grads"]
-    keep_knobs = [layer.keep_knob for layer in adapter.layers.values()]
     worst = 0.0
     for index in (0, 7, 23):
         for completion, stashed in ((pairs[index].hack_ids, grads.hack), (pairs[index].clean_ids, grads.clean)):
-            ids = torch.tensor([pairs[index].prompt_ids + completion])
-            log_probs = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1], -1)
-            targets = ids[0, 1:]
-            log_p = log_probs[len(pairs[index].prompt_ids) - 1 :].gather(-1, targets[len(pairs[index].prompt_ids) - 1 :, None]).sum()
-            for name, grad in zip(adapter.layers, torch.autograd.grad(log_p, keep_knobs)):
+            reference = autograd_completion_gradients(model, adapter, pairs[index].prompt_ids, completion)
+            for name, grad in reference.items():
                 worst = max(worst, (stashed[name][index] - grad).abs().max().item())
     assert worst < 1e-13, f"pair gradients should equal per-sequence autograd of log p(completion | prompt) ({worst:.1e})"
     assert all(p.grad is None for p in model.parameters()), "pair gradients should write no .grad anywhere"
+
+
+def test_pair_gradients_do_not_depend_on_micro_batching_with_varied_prompt_lengths(setup):
+    """Sorting by prompt length, token-budget micro-batches and logits only from the shortest prompt on must give
+    every pair its own per-sequence autograd rows, in the caller's order, however the micro-batches fall."""
+    model, adapter = setup["model"], setup["adapter"]
+    generator = torch.Generator().manual_seed(11)
+    lengths = [9, 2, 6, 1, 12, 4, 7, 3]
+    pairs = [Pair(random_ids(generator, n), random_ids(generator, 1 + n % 3), random_ids(generator, 2 + n % 4), "m")
+             for n in lengths]
+    for micro_batch_size, max_tokens in ((1, None), (16, None), (3, None), (16, 30)):
+        batched = pair_gradients(model, adapter, pairs, micro_batch_size=micro_batch_size, max_tokens=max_tokens)
+        for index, pair in enumerate(pairs):
+            for which, completion in (("hack", pair.hack_ids), ("clean", pair.clean_ids)):
+                reference = autograd_completion_gradients(model, adapter, pair.prompt_ids, completion)
+                diff = max((getattr(batched, which)[name][index] - grad).abs().max().item()
+                           for name, grad in reference.items())
+                assert diff < 1e-12, f"pair {index} {which}, micro-batch {micro_batch_size}/{max_tokens} tokens: {diff:.1e}"
 
 
 def test_direction_rows_are_orthogonal_hackward_and_weighted_by_singular_values(setup):

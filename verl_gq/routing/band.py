@@ -174,6 +174,7 @@ def fit_direction_and_band(
     micro_batch_size: int = 8,
     shard: Optional[slice] = None,
     gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    max_tokens: Optional[int] = None,
 ) -> tuple[Direction, BandCalibration]:
     """The live direction and its cross-fitted band from the current weights: the call at start and at each refresh
     (refresh = this call again: same pairs, current weights).
@@ -186,7 +187,8 @@ def fit_direction_and_band(
     if (shard is None) != (gather is None):
         raise ValueError("shard and gather go together: each rank computes its shard, gather reassembles all pairs")
     local = pairs if shard is None else pairs[shard]
-    grads = pair_gradients(model, adapter, local, micro_batch_size=micro_batch_size, gather=gather)
+    grads = pair_gradients(model, adapter, local, micro_batch_size=micro_batch_size, gather=gather,
+                           max_tokens=max_tokens)
     if grads.n_pairs != len(pairs):
         raise ValueError(f"gathered {grads.n_pairs} pair gradients for {len(pairs)} pairs")
     folds = assign_folds([pair.mode for pair in pairs], n_folds, seed)

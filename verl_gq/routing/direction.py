@@ -62,13 +62,21 @@ def completion_log_prob_gradients(
     adapter: QuarantineAdapter,
     sequences: Sequence[tuple[TokenIds, TokenIds]],
     micro_batch_size: int = 8,
+    max_tokens: Optional[int] = None,
 ) -> dict[str, torch.Tensor]:
     """{module: (n_sequences, r)}: per (prompt, completion), +grad of sum_t log p(completion_t | prefix) wrt the
     knob scale, from one stash-mode backward per micro-batch.
 
-    `model` is called Hugging Face style, `model(input_ids=, attention_mask=, use_cache=False)`, on right-padded
-    batches, and must return logits (or an object with `.logits`). No `.grad` of any parameter is written.
-    The model's train/eval mode is left as is: dropout must be off for a reproducible direction (Qwen has none).
+    `model` is called Hugging Face style, `model(input_ids=, attention_mask=, use_cache=False, logits_to_keep=)`, on
+    right-padded batches, and must return logits (or an object with `.logits`). No `.grad` of any parameter is
+    written. The model's train/eval mode is left as is: dropout must be off for a reproducible direction (Qwen has
+    none).
+
+    Memory: sequences go into micro-batches in prompt-length order (a completion's rows stay near its pair's other
+    completion), at most `micro_batch_size` sequences and, with `max_tokens`, at most that many padded tokens each
+    (one longer sequence still goes alone). Only the positions from the shortest prompt on get logits
+    (`logits_to_keep`), and only completion tokens are scored in float32: with a 152k vocabulary, the full
+    float32 logits of 8 sequences of 3k tokens would take 15 GB.
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size}: must be >= 1")
@@ -76,22 +84,46 @@ def completion_log_prob_gradients(
     rows = [(_ids(p, "prompt"), _ids(c, "completion")) for p, c in sequences]
     if not rows:
         raise ValueError("no sequences to take gradients of")
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     chunks: list[dict[str, torch.Tensor]] = []
     capture = KnobGradientCapture(adapter, mode="stash")
     with capture, torch.enable_grad():
-        for start in range(0, len(rows), micro_batch_size):
-            batch = rows[start : start + micro_batch_size]
-            input_ids, attention_mask, completion_mask = _right_padded(batch, device)
+        for batch_index in _micro_batches([rows[i] for i in order], micro_batch_size, max_tokens):
+            batch = [rows[order[i]] for i in batch_index]
+            input_ids, attention_mask, scored = _right_padded(batch)
+            # logits for positions [first, length): the first predicts the shortest prompt's first completion token
+            first = min(len(prompt) for prompt, _ in batch) - 1
+            length = input_ids.shape[1]
+            scored_rows, scored_columns = scored[:, first + 1 :].nonzero(as_tuple=True)  # host tensors: no sync
+            targets = input_ids[:, first + 1 :][scored_rows, scored_columns].to(device)
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             capture.set_segments(Segments.padded(*input_ids.shape, position_mask=attention_mask))
-            output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                           logits_to_keep=length - first)
             logits = output.logits if hasattr(output, "logits") else output
-            logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-            token_log_probs = -F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-            total_log_prob = (token_log_probs * completion_mask[:, 1:]).sum()
+            logits = logits[:, -(length - first) : -1][scored_rows.to(device), scored_columns.to(device)]
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            total_log_prob = -F.cross_entropy(logits, targets, reduction="sum")
             # autograd.grad (not .backward): the stash is the output; no parameter's .grad is touched.
             torch.autograd.grad(total_log_prob, list(capture.knob_inputs.values()), allow_unused=True)
             chunks.append(capture.per_example_gradients())
-    return {name: torch.cat([chunk[name] for chunk in chunks]) for name in adapter.layers}
+    restore = torch.empty(len(order), dtype=torch.long)
+    restore[torch.tensor(order)] = torch.arange(len(order))  # row of sequence i in the sorted concatenation
+    return {name: torch.cat([chunk[name] for chunk in chunks])[restore.to(device)] for name in adapter.layers}
+
+
+def _micro_batches(rows, micro_batch_size: int, max_tokens: Optional[int]) -> list[list[int]]:
+    """Consecutive index groups of `rows` with <= micro_batch_size rows and <= max_tokens padded tokens."""
+    groups, current, longest = [], [], 0
+    for index, (prompt, completion) in enumerate(rows):
+        length = len(prompt) + len(completion)
+        widest = max(longest, length)
+        if current and (len(current) == micro_batch_size or (max_tokens and widest * (len(current) + 1) > max_tokens)):
+            groups.append(current)
+            current, widest = [], length
+        current.append(index)
+        longest = widest
+    return groups + [current]
 
 
 def pair_gradients(
@@ -100,6 +132,7 @@ def pair_gradients(
     pairs: Sequence[Pair],
     micro_batch_size: int = 8,
     gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    max_tokens: Optional[int] = None,
 ) -> PairGradients:
     """Knob-coordinate gradients of log p(hack | prompt) and log p(clean | prompt) of every pair.
 
@@ -112,7 +145,7 @@ def pair_gradients(
     sequences = []
     for pair in pairs:
         sequences += [(pair.prompt_ids, pair.hack_ids), (pair.prompt_ids, pair.clean_ids)]
-    grads = completion_log_prob_gradients(model, adapter, sequences, micro_batch_size)
+    grads = completion_log_prob_gradients(model, adapter, sequences, micro_batch_size, max_tokens)
     names = list(grads)
     ranks = [grads[name].shape[1] for name in names]
     flat = torch.cat([grads[name] for name in names], dim=1).reshape(len(pairs), 2, sum(ranks))
@@ -241,14 +274,15 @@ def _ids(ids: TokenIds, what: str) -> torch.Tensor:
     return tensor.long()
 
 
-def _right_padded(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device):
+def _right_padded(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    """Host tensors: input_ids and attention_mask (B, L), and `scored` (B, L) bool: completion token positions."""
     length = max(len(p) + len(c) for p, c in batch)
     input_ids = torch.zeros(len(batch), length, dtype=torch.long)
     attention_mask = torch.zeros(len(batch), length, dtype=torch.long)
-    completion_mask = torch.zeros(len(batch), length)
+    scored = torch.zeros(len(batch), length, dtype=torch.bool)
     for row, (prompt, completion) in enumerate(batch):
         end = len(prompt) + len(completion)
         input_ids[row, :end] = torch.cat([prompt, completion])
         attention_mask[row, :end] = 1
-        completion_mask[row, len(prompt) : end] = 1
-    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+        scored[row, len(prompt) : end] = True
+    return input_ids, attention_mask, scored

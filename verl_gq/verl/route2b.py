@@ -38,6 +38,8 @@ from verl_gq.verl.config import GQConfig
 
 logger = logging.getLogger(__name__)
 PAIR_MICRO_BATCH = 8
+# padded tokens per pair micro-batch: bounds the refresh's activations (no gradient checkpointing assumed)
+PAIR_MICRO_BATCH_TOKENS = 8192
 
 
 def resolve_pair_file(path: str) -> Path:
@@ -117,6 +119,7 @@ class Route2bController:
             self.run_model, self.adapter, self.pairs, n_folds=self.gq.calibration_folds, seed=self.gq.seed,
             k=self.gq.direction_rank, clean_quantile=self.gq.clean_quantile, hack_quantile=self.gq.hack_quantile,
             haar_seed=self.gq.seed if self.gq.direction_source == "haar" else None, micro_batch_size=PAIR_MICRO_BATCH,
+            max_tokens=PAIR_MICRO_BATCH_TOKENS,
         )
         self.band = calibration.band
         self._refresh_metrics = {
