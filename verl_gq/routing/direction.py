@@ -210,13 +210,23 @@ def direction_scores(grads: Mapping[str, torch.Tensor], direction: Mapping[str, 
     max_j cos_j (aligned with any of the hack-ward directions; equal to cos_1 for k = 1). A zero gradient scores 0.
     """
     check_module_grads(grads, direction)
-    first = next(iter(grads.values()))
-    dtype = torch.promote_types(first.dtype, torch.float32)
-    rows = {m: direction[m].to(device=first.device, dtype=dtype) for m in direction}
-    dots = sum(grads[m].to(dtype) @ rows[m].T for m in rows)
-    grad_norm2 = sum(grads[m].to(dtype).pow(2).sum(1) for m in rows)
-    direction_norm2 = sum(rows[m].pow(2).sum(1) for m in rows)
-    denominator = (grad_norm2[:, None] * direction_norm2[None, :]).sqrt()
+    names = list(direction)
+    return flat_direction_scores(flatten_modules(grads, names), flatten_modules(direction, names))
+
+
+def flatten_modules(per_module: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """{module: (n, r_m)} -> (n, sum_m r_m), modules in `names` order: one kernel for all modules, so the per
+    micro-batch work of the gate and the router is a few large operations instead of a few per module."""
+    return torch.cat([per_module[name] for name in names], dim=1)
+
+
+def flat_direction_scores(grads: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """`direction_scores` on module-flattened rows: grads (n, R), direction (k, R) with the same column order."""
+    dtype = torch.promote_types(grads.dtype, torch.float32)
+    grads = grads.to(dtype)
+    direction = direction.to(device=grads.device, dtype=dtype)
+    dots = grads @ direction.T
+    denominator = (grads.pow(2).sum(1)[:, None] * direction.pow(2).sum(1)[None, :]).sqrt()
     cosines = torch.where(denominator > 0, dots / denominator.clamp_min(torch.finfo(dtype).tiny), 0.0)
     return cosines.max(dim=1).values
 

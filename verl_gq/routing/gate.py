@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 
 from verl_gq.routing.band import Band
-from verl_gq.routing.direction import check_module_grads, direction_scores
+from verl_gq.routing.direction import check_module_grads, flat_direction_scores, flatten_modules
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,10 @@ def gate(
     all zeros for a degenerate band. Non-finite gradients are an error (one host sync per call).
     """
     check_module_grads(policy_loss_grads, direction)
-    bad = [name for name, g in policy_loss_grads.items() if not bool(torch.isfinite(g).all())]
-    if bad:
+    names = list(direction)
+    flat = flatten_modules(policy_loss_grads, names)
+    if not bool(torch.isfinite(flat).all()):
+        bad = [name for name in names if not bool(torch.isfinite(policy_loss_grads[name]).all())]
         raise ValueError(f"policy-loss gradients contain NaN/inf in {bad[:3]}: the loss should be finite")
-    scores = direction_scores({name: -g for name, g in policy_loss_grads.items()}, direction)
+    scores = flat_direction_scores(-flat, flatten_modules(direction, names))
     return GateResult(weights=band.weights(scores), scores=scores, band=band)

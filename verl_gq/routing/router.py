@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from verl_gq.adapter.model import QuarantineAdapter
+from verl_gq.routing.direction import flatten_modules
 from verl_gq.routing.gate import GateResult
 
 # all-reduce SUM of a flat tensor across data-parallel ranks; returns the reduced tensor.
@@ -42,8 +43,10 @@ class GradientRouter:
         self._reset()
 
     def _reset(self) -> None:
-        self._kept: Optional[dict[str, torch.Tensor]] = None
-        self._quarantine: Optional[dict[str, torch.Tensor]] = None
+        # module-flattened (sum_m r_m,) accumulators, columns in module_names order
+        self._kept: Optional[torch.Tensor] = None
+        self._quarantine: Optional[torch.Tensor] = None
+        self._ranks: list[int] = []
         self._mass: list[torch.Tensor] = []  # [routed, total] gradient mass
         self._n_examples = 0
         self._n_gated = 0
@@ -55,7 +58,7 @@ class GradientRouter:
     def add(self, per_example: Mapping[str, torch.Tensor], rollout_gate: GateResult) -> None:
         """Rollout granularity: one micro-batch's {module: (n, r)} stash and its gate."""
         self._check(per_example, rollout_gate.weights.shape[0], "per_example")
-        self._add_units(per_example, rollout_gate.weights)
+        self._add_units(self._flatten(per_example), rollout_gate.weights)
         self._count(per_example, rollout_gate)
         self._scores.append(rollout_gate.scores.detach())
 
@@ -73,12 +76,10 @@ class GradientRouter:
         self._check(per_token, token_gate.weights.shape[0], "per_token")
         if example_of_token.shape != token_gate.weights.shape:
             raise ValueError(f"example_of_token {tuple(example_of_token.shape)} should match the token gate's weights")
-        remainder = {}
-        for name, grads in per_example.items():
-            token_sums = torch.zeros_like(grads).index_add_(0, example_of_token.to(grads.device), per_token[name])
-            remainder[name] = grads - token_sums
+        examples, tokens = self._flatten(per_example), self._flatten(per_token)
+        remainder = examples - torch.zeros_like(examples).index_add_(0, example_of_token.to(examples.device), tokens)
         self._add_units(remainder, rollout_gate.weights)
-        self._add_units(per_token, token_gate.weights)
+        self._add_units(tokens, token_gate.weights)
         self._count(per_example, rollout_gate)
         self._scores.append(rollout_gate.scores.detach())
         self._token_scores.append(token_gate.scores.detach())
@@ -92,31 +93,30 @@ class GradientRouter:
         """
         if self._kept is None:
             raise RuntimeError("nothing to finish: add at least one micro-batch")
-        ranks = [self._kept[name].shape[0] for name in self.module_names]
-        reference = self._kept[self.module_names[0]]
+        reference = self._kept
         counts = torch.tensor(
             [self._n_examples, self._n_gated, self._n_degenerate], dtype=reference.dtype, device=reference.device
         )
-        flat = torch.cat(
-            [self._kept[m] for m in self.module_names]
-            + [self._quarantine[m] for m in self.module_names]
-            + [torch.stack(self._mass).to(reference.dtype), counts]
-        )
+        flat = torch.cat([self._kept, self._quarantine, torch.stack(self._mass).to(reference.dtype), counts])
         if reduce is not None:
             reduced = reduce(flat)
             if reduced.shape != flat.shape:
                 raise ValueError(f"reduce returned shape {tuple(reduced.shape)}, should be {tuple(flat.shape)}")
             flat = reduced
+        ranks = self._ranks
         total_rank = sum(ranks)
-        kept = dict(zip(self.module_names, (flat[:total_rank] * grad_scale).split(ranks)))
-        quarantine = dict(zip(self.module_names, (flat[total_rank : 2 * total_rank] * grad_scale).split(ranks)))
-        routed_mass, total_mass, n_examples, n_gated, n_degenerate = flat[2 * total_rank :].tolist()
+        kept_flat, quarantine_flat = flat[:total_rank] * grad_scale, flat[total_rank : 2 * total_rank] * grad_scale
+        kept = dict(zip(self.module_names, kept_flat.split(ranks)))
+        quarantine = dict(zip(self.module_names, quarantine_flat.split(ranks)))
+        norms = torch.stack([kept_flat.double().norm(), quarantine_flat.double().norm()])
+        routed_mass, total_mass, n_examples, n_gated, n_degenerate, keep_norm, quarantine_norm = torch.cat(
+            [flat[2 * total_rank :].double(), norms]).tolist()  # one host sync for every scalar
         metrics = {
             "frout": routed_mass / total_mass if total_mass > 0 else 0.0,
             "n_examples": n_examples,
             "band_degenerate_fraction": n_degenerate / n_gated if n_gated else 0.0,
-            "keep_grad_norm": _joint_norm(kept),
-            "quarantine_grad_norm": _joint_norm(quarantine),
+            "keep_grad_norm": keep_norm,
+            "quarantine_grad_norm": quarantine_norm,
         }
         if self._last_band is not None:
             metrics.update(
@@ -134,19 +134,21 @@ class GradientRouter:
             if g.dim() != 2 or g.shape[0] != n:
                 raise ValueError(f"{what}[{name}] has shape {tuple(g.shape)}, should have {n} rows (one per gate weight)")
 
-    def _add_units(self, grads: Mapping[str, torch.Tensor], weights: torch.Tensor) -> None:
-        dtype = next(iter(grads.values())).dtype
-        w = weights.to(dtype)
-        kept = {name: (1 - w) @ g for name, g in grads.items()}
-        quarantine = {name: w @ g for name, g in grads.items()}
-        mass = torch.stack([g.pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+    def _flatten(self, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self._ranks = [grads[name].shape[1] for name in self.module_names]
+        return flatten_modules(grads, self.module_names)
+
+    def _add_units(self, grads: torch.Tensor, weights: torch.Tensor) -> None:
+        """grads (units, sum_r) module-flattened, weights (units,)."""
+        w = weights.to(grads.dtype)
+        kept, quarantine = (1 - w) @ grads, w @ grads
+        mass = grads.pow(2).sum(1).sqrt()
         routed, total = (w * mass).sum(), mass.sum()
         if self._kept is None:
             self._kept, self._quarantine, self._mass = kept, quarantine, [routed, total]
         else:
-            for name in self.module_names:
-                self._kept[name] = self._kept[name] + kept[name]
-                self._quarantine[name] = self._quarantine[name] + quarantine[name]
+            self._kept = self._kept + kept
+            self._quarantine = self._quarantine + quarantine
             self._mass = [self._mass[0] + routed, self._mass[1] + total]
 
     def _count(self, per_example: Mapping[str, torch.Tensor], rollout_gate: GateResult) -> None:
@@ -169,10 +171,6 @@ def write_knob_grads(adapter: QuarantineAdapter, routed: RoutedGradients) -> Non
                 raise ValueError(f"{name}: routed gradient {tuple(grad.shape)} does not fit knob {tuple(parameter.shape)}")
             grad = grad.to(device=parameter.device, dtype=parameter.dtype)
             parameter.grad = grad.clone() if parameter.grad is None else parameter.grad + grad
-
-
-def _joint_norm(grads: Mapping[str, torch.Tensor]) -> float:
-    return float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values())))
 
 
 def _score_stats(prefix: str, scores: list[torch.Tensor]) -> dict[str, float]:
