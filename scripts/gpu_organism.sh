@@ -16,24 +16,27 @@
 # OUT_DIR/runs/<run>/      run artifacts (docs/outputs.md): metrics.jsonl, per_mode_deploy.json, train.safetensors
 # OUT_DIR/logs/<run>.log   main_ppo's output; OUT_DIR/logs/<run>.jsonl verl's per-step metrics
 # OUT_DIR/report/          scripts/report.py's tables and figures (keynote.md printed at the end)
+# Off the lent box (a dry run of this driver on CPU): PYTHON=<venv python> BUNDLE=0 VERL_PLATFORM=cpu and the CPU
+# overlay in each recipe, e.g. RUNS="organism_vanilla+organism_cpu:41 organism_route2b+organism_cpu:41".
 set -euo pipefail
 OUT_DIR=$(mkdir -p "${1:?usage: gpu_organism.sh OUT_DIR [overrides]}" && cd "$1" && pwd); shift
 RUNS=${RUNS:-"organism_vanilla:41 organism_route2b:41"}
 CONCURRENCY=${CONCURRENCY:-1}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT_DIR/logs" "$OUT_DIR/runs"
-[ -d /tmp/site/verl ] || bash .bundle/install.sh /tmp/site >/dev/null
+PY=${PYTHON:-python3}
+if [ "${BUNDLE:-1}" = 1 ]; then [ -d /tmp/site/verl ] || bash .bundle/install.sh /tmp/site >/dev/null; fi
 export PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled \
        PYTHONUNBUFFERED=1 VERL_GQ_ORGANISM_DATA=$OUT_DIR/data
 unset RAY_ADDRESS
-python3 scripts/prepare_organism.py --out "$VERL_GQ_ORGANISM_DATA" > "$OUT_DIR/logs/data.log" 2>&1
+"$PY" scripts/prepare_organism.py --out "$VERL_GQ_ORGANISM_DATA" > "$OUT_DIR/logs/data.log" 2>&1
 
 run_one() {  # RECIPE[+OVERLAY...]:SEED [overrides]
   local spec=$1; shift
   local recipe=${spec%%:*} seed=${spec##*:}
   local recipes="recipes/${recipe//+/,recipes/}" name=${recipe//+/_}_s$seed
   local started=$SECONDS
-  VERL_FILE_LOGGER_PATH=$OUT_DIR/logs/$name.jsonl python3 -m verl.trainer.main_ppo "+recipe=[$recipes]" seed="$seed" \
+  VERL_FILE_LOGGER_PATH=$OUT_DIR/logs/$name.jsonl "$PY" -m verl.trainer.main_ppo "+recipe=[$recipes]" seed="$seed" \
       "actor_rollout_ref.actor.fsdp_config.gq.run_dir=$OUT_DIR/runs/\${trainer.experiment_name}" \
       "trainer.default_local_dir=$OUT_DIR/checkpoints/\${trainer.experiment_name}" \
       +ray_kwargs.ray_init.address=local 'trainer.logger=[console,file]' "$@" > "$OUT_DIR/logs/$name.log" 2>&1 \
@@ -50,6 +53,6 @@ for spec in $RUNS; do
 done
 while [ "$running" -gt 0 ]; do wait -n || status=1; running=$((running - 1)); done
 
-python3 scripts/report.py "$OUT_DIR/runs" --out "$OUT_DIR/report" > "$OUT_DIR/logs/report.log" 2>&1 || status=1
+"$PY" scripts/report.py "$OUT_DIR/runs" --out "$OUT_DIR/report" > "$OUT_DIR/logs/report.log" 2>&1 || status=1
 cat "$OUT_DIR/report/keynote.md" 2>/dev/null || tail -20 "$OUT_DIR/logs/report.log"
 exit $status
