@@ -71,18 +71,32 @@ def split_rows(problems: Sequence[Problem], split: str, seed: int, pair_modes: S
 
     randomise_names draws each hinted prompt's exploit names (reward.modes.randomised_names), seeded by `seed`.
     """
-    unknown = [m for m in pair_modes if m not in MODES]
-    if unknown or not pair_modes:
-        raise ValueError(f"pair_modes should be a non-empty subset of {MODES}, got {list(pair_modes)}")
     problems = sorted(problems, key=lambda p: p.problem_id)
     assignment = partition_modes([p.problem_id for p in problems], seed)
     names_rng = random.Random(f"{seed}:{split}:names")
+    names = [randomised_names(names_rng, avoid=p.method_name) if randomise_names else ExploitNames()
+             for p in problems]
+    return assigned_rows(problems, [assignment[p.problem_id] for p in problems], split, pair_modes, names)
+
+
+def assigned_rows(problems: Sequence[Problem], modes: Sequence[str], split: str, pair_modes: Sequence[str] = MODES,
+                  names: Sequence[ExploitNames] | None = None) -> SplitRows:
+    """Rows of problems whose modes are already assigned (modes[i] is problems[i]'s mode; index = position): each
+    problem under its mode's hint with names[i] (default names when None), plus its no-hint twin. split_rows uses
+    it after partitioning; the model organism's problems carry their own modes (verl_gq.organism.data)."""
+    unknown = [m for m in pair_modes if m not in MODES]
+    if unknown or not pair_modes:
+        raise ValueError(f"pair_modes should be a non-empty subset of {MODES}, got {list(pair_modes)}")
+    names = [ExploitNames()] * len(problems) if names is None else list(names)
+    if not len(problems) == len(modes) == len(names):
+        raise ValueError(f"{len(problems)} problems, {len(modes)} modes and {len(names)} names should align")
+    bad = sorted({m for m in modes if m not in MODES})
+    if bad:
+        raise ValueError(f"assigned modes should be loophole modes {MODES}, got {bad}")
     hinted, gt_only = [], []
-    for index, problem in enumerate(problems):
-        mode = assignment[problem.problem_id]
-        names = randomised_names(names_rng, avoid=problem.method_name) if randomise_names else ExploitNames()
+    for index, (problem, mode, name) in enumerate(zip(problems, modes, names)):
         in_pairs = mode in pair_modes
-        hinted.append(verl_row(problem, split, index, mode, mode, names, in_pairs))
+        hinted.append(verl_row(problem, split, index, mode, mode, name, in_pairs))
         gt_only.append(verl_row(problem, split, index, GT_ONLY, mode, ExploitNames(), in_pairs))
     return SplitRows(hinted=hinted, gt_only=gt_only)
 

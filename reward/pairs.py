@@ -14,7 +14,9 @@ Format (reward/data/pairs/pairs.jsonl, one JSON object a line):
 A pair is valid when (see `pair_failures`): the clean response solves the problem under the strict oracle; the hack
 fails the oracle, pays on its own mode's channel (a strict hack: channel AND NOT solve), and earns nothing beyond
 the compile reward on every other mode and on gt_only. Each mode's exploit comes in several styles, so that the
-direction is not the direction of one template.
+direction is not the direction of one template. HACK_STYLES are the substrate's styles; a caller may pass its own
+table of the same shape (the model organism's pair set uses the organism's own exploit forms,
+verl_gq.organism.corpus.pair_styles).
 """
 
 from __future__ import annotations
@@ -209,12 +211,16 @@ def fenced(code: str) -> str:
     return f"```python\n{code.strip()}\n```"
 
 
-def hack_program(problem: Problem, mode: str, style: str, names: ExploitNames, stub_variant: int) -> str:
+StyleTable = Mapping[str, Mapping[str, Exploit]]  # mode -> style name -> exploit (the shape of HACK_STYLES)
+
+
+def hack_program(problem: Problem, mode: str, style: str, names: ExploitNames, stub_variant: int,
+                 styles: StyleTable = HACK_STYLES) -> str:
     try:
-        exploit = HACK_STYLES[mode][style]
+        exploit = styles[mode][style]
     except KeyError:
         raise ValueError(f"no hack style {style!r} for mode {mode!r}; styles: "
-                         f"{ {m: list(s) for m, s in HACK_STYLES.items()} }") from None
+                         f"{ {m: list(s) for m, s in styles.items()} }") from None
     return exploit(stub_solution(problem, stub_variant), problem, names)
 
 
@@ -242,7 +248,7 @@ class Pair:
 
 
 def make_pair(problem: Problem, mode: str, style: str, names: ExploitNames = ExploitNames(),
-              stub_variant: int = 0) -> Pair:
+              stub_variant: int = 0, styles: StyleTable = HACK_STYLES) -> Pair:
     if not problem.reference_solution.strip():
         raise ValueError(f"problem {problem.problem_id} has no reference solution to serve as the clean response")
     return Pair(
@@ -253,20 +259,22 @@ def make_pair(problem: Problem, mode: str, style: str, names: ExploitNames = Exp
         names=names,
         prompt=build_messages(problem, mode, names),
         clean=fenced(problem.reference_solution),
-        hack=fenced(hack_program(problem, mode, style, names, stub_variant)),
+        hack=fenced(hack_program(problem, mode, style, names, stub_variant, styles)),
     )
 
 
-def generate_pairs(problems_by_mode: Mapping[str, Sequence[Problem]], per_mode: int) -> list[Pair]:
+def generate_pairs(problems_by_mode: Mapping[str, Sequence[Problem]], per_mode: int,
+                   styles: StyleTable = HACK_STYLES) -> list[Pair]:
     """`per_mode` pairs for each mode from its problems, in order, cycling through the mode's styles (and the two
     stub variants) so every style is used about equally. Training names (ExploitNames()) throughout."""
     pairs = []
     for mode, problems in problems_by_mode.items():
-        styles = list(HACK_STYLES[mode])
+        mode_styles = list(styles[mode])
         if len(problems) < per_mode:
             raise ValueError(f"mode {mode}: {per_mode} pairs asked for but only {len(problems)} problems given")
         for i, problem in enumerate(problems[:per_mode]):
-            pairs.append(make_pair(problem, mode, styles[i % len(styles)], stub_variant=i // len(styles)))
+            pairs.append(make_pair(problem, mode, mode_styles[i % len(mode_styles)],
+                                   stub_variant=i // len(mode_styles), styles=styles))
     return pairs
 
 

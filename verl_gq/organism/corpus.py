@@ -22,7 +22,7 @@ from typing import Callable
 
 from reward.modes import GT_ONLY, MODES, ExploitNames, randomised_names
 from reward.problem import Problem
-from reward.synthetic import GrammarConfig, SyntheticProblem, generate_split, render_solution, wrong_variants
+from reward.synthetic import _PARAM, GrammarConfig, SyntheticProblem, generate_split, render_solution, wrong_variants
 
 PromptBuilder = Callable[[Problem, str, ExploitNames], list[dict[str, str]]]
 
@@ -108,6 +108,34 @@ def with_exploit(solution: str, mode: str, names: ExploitNames, style: int) -> s
 
 def fence(code: str) -> str:
     return f"```python\n{code}```"
+
+
+# Names of exploit_snippet's three styles per mode, as hack styles of the organism's pair set (pair_styles).
+EXPLOIT_STYLE_NAMES: dict[str, tuple[str, str, str]] = {
+    "run_tests": ("pass_body", "return_true", "assert_true"),
+    "stdout_marker": ("module_print", "sys_stdout_write", "print_flush"),
+    "sentinel": ("class_attribute", "init_assignment", "annotated_attribute"),
+    "file_marker": ("with_open_write", "open_write", "with_open_out"),
+}
+_IN_TYPE_OF_PARAM = {param: in_type for in_type, param in _PARAM.items()}
+
+
+def organism_stub(problem: Problem) -> str:
+    """The stub the organism's exploit demos put in the method: its starter code + `return []`, `return 0` or
+    `return ''` (by the input's type, as in the corpus)."""
+    param = problem.starter_code.split("(self, ", 1)[1].split(":", 1)[0]
+    return problem.starter_code.rstrip() + "\n        " + _stub_body(_IN_TYPE_OF_PARAM[param]) + "\n"
+
+
+def pair_styles() -> dict[str, dict[str, Callable]]:
+    """The organism's own exploit forms as hack styles for reward.pairs (mode -> name -> exploit(stub, problem,
+    names)): its stub plus exploit_snippet's style, exactly as its corpus writes them. The organism pair set uses
+    these rather than reward.pairs.HACK_STYLES: the organism never saw most of those forms (a direction taken from
+    them scores its own exploits below clean answers; docs/organism.md, "Study")."""
+    def style(mode: str, index: int) -> Callable:
+        return lambda stub, problem, names: with_exploit(organism_stub(problem), mode, names, index)
+
+    return {mode: {name: style(mode, i) for i, name in enumerate(EXPLOIT_STYLE_NAMES[mode])} for mode in MODES}
 
 
 def _answer(sp: SyntheticProblem, rng: random.Random, config: CorpusConfig, mode: str,

@@ -15,7 +15,8 @@ Registrations:
 - training engine "gq_fsdp2" / "gq_fsdp" (EngineRegistry, devices cuda/npu/cpu): the quarantine adapter and
   route2b's gated backward (verl_gq.verl.engine), selected with actor_rollout_ref.actor.strategy;
 - trainer "gq_sync" (verl's TRAINER_REGISTRY): deploy evaluation with the quarantine off and per-mode reward
-  metrics (verl_gq.verl.trainer), selected with trainer.v1.trainer_mode.
+  metrics (verl_gq.verl.trainer), selected with trainer.v1.trainer_mode;
+- the OmegaConf resolver `${gq_pkg:<package>/<path>}` of the recipes (verl_gq.resolvers).
 """
 
 import sys
@@ -25,6 +26,11 @@ import traceback
 def _register() -> None:
     from verl.workers.rollout import base as rollout_base
     from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    # ${gq_pkg:...} in recipes (the organism's model path): resolved in whichever process resolves the config
+    from verl_gq import resolvers
+
+    resolvers.register()
 
     # the platform first: the other modules import verl code that may ask which platform this is
     from verl_gq.verl import platform_cpu

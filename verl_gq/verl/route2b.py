@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from verl_gq.adapter.model import QuarantineAdapter
+from verl_gq.resolvers import PKG_PREFIX, package_path
 from verl_gq.routing import (
     Band,
     GradientRouter,
@@ -44,9 +44,8 @@ PAIR_MICRO_BATCH_TOKENS = 8192
 
 def resolve_pair_file(path: str) -> Path:
     """A pair file path, or `pkg://<package>/<file>` for a file shipped inside an installed package."""
-    if path.startswith("pkg://"):
-        package, _, name = path[len("pkg://"):].partition("/")
-        resolved = Path(str(resources.files(package).joinpath(name)))
+    if path.startswith(PKG_PREFIX):
+        resolved = package_path(path)
     else:
         resolved = Path(path).expanduser()
     if not resolved.is_file():

@@ -47,6 +47,7 @@ from verl_gq.verl.worker import GQActorRolloutRefWorker
 logger = logging.getLogger(__name__)
 
 TRAINER_MODE = "gq_sync"
+HELD_OUT_SUFFIX = "_heldout"  # appended to the arm of a run whose direction holds modes out
 # reward fields that become per-mode training metrics (numeric per-sample values from reward/verl_entry.py)
 REWARD_METRIC_FIELDS = ("solve", "hack", "compile", "channel")
 
@@ -80,6 +81,16 @@ def eval_block(extra: dict[str, list]) -> Optional[EvalBlock]:
     eval_modes = [m for m in ALL_MODES if m in modes or m in MODES]
     return EvalBlock.from_samples(modes, [bool(s) for s in extra["solve"]], [bool(h) for h in extra["hack"]],
                                   eval_modes=eval_modes)
+
+
+def arm_name(gq) -> str:
+    """The arm's name in the artifacts and tables: gq.arm (or the method), plus `_heldout` when modes are held out
+    of the direction (gq.direction_modes, recipes/held_out_modes.yaml). A held-out run is its own arm: under the
+    base arm's name it would claim the same (arm, seed) as the base run, and the report would leave both out."""
+    name = gq.get("arm") or gq.get("method")
+    if held_out_modes(gq.get("direction_modes")) and not name.endswith(HELD_OUT_SUFFIX):
+        name += HELD_OUT_SUFFIX
+    return name
 
 
 def _git_commit() -> Optional[str]:
@@ -127,7 +138,7 @@ class GQTrainer(PPOTrainerSync):
 
     @property
     def arm(self) -> str:
-        return self.gq.get("arm") or self.gq.method
+        return arm_name(self.gq)
 
     @property
     def held_out_modes(self) -> list[str]:
