@@ -12,7 +12,8 @@ Isolation per execution (set up by the trusted code in `_zygote.py`, see docs/sa
 The job travels in a memfd the payload reads itself, so its data never enters the long-lived zygote.
 
 Two launchers, same isolation and the same results: "zygote" (a pre-warmed fresh interpreter forks one guard per
-execution; the default) and "spawn" (a fresh interpreter per execution; the baseline the benchmark compares to).
+execution, prepared ahead of its job; the default) and "spawn" (a fresh interpreter per execution; the baseline the
+benchmark compares to).
 Requires root (for namespaces, chroot and the uid switch): `Sandbox()` raises otherwise, naming what is missing.
 """
 
@@ -138,12 +139,16 @@ class Sandbox:
             self._control.close()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._zygote = subprocess.Popen(
-            [_interpreter(), "-I", "-S", ZYGOTE_SCRIPT, "--zygote", str(theirs.fileno())],
+            [_interpreter(), "-I", "-S", ZYGOTE_SCRIPT, "--zygote", str(theirs.fileno()), self._config()],
             pass_fds=[theirs.fileno()], env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
             start_new_session=True)
         theirs.close()
         self._control = ours
         return ours
+
+    def _config(self) -> str:
+        """What every execution of this sandbox shares, given to the zygote (or the `--once` guard) at its start."""
+        return json.dumps({"limits": asdict(self.limits), "uid_base": self.uid_base})
 
     def start(self) -> None:
         """Start the zygote now (otherwise the first `run` does). Idempotent."""
@@ -189,8 +194,7 @@ class Sandbox:
         pipes = {name: os.pipe() for name in ("result", "stdout", "stderr", "status")}
         child_ends = {"job": job_fd, **{name: w for name, (r, w) in pipes.items()}}
         ours = {name: r for name, (r, w) in pipes.items()}
-        request = {"limits": asdict(self.limits), "collect": list(collect), "fd_names": list(_FD_NAMES),
-                   "uid_base": self.uid_base}
+        request = {"collect": list(collect), "fd_names": list(_FD_NAMES)}
         spawned = None
         try:
             if self.launcher == "zygote":
@@ -200,7 +204,7 @@ class Sandbox:
             else:
                 fd_numbers = [child_ends[n] for n in _FD_NAMES]
                 spawned = subprocess.Popen(
-                    [_interpreter(), "-I", "-S", ZYGOTE_SCRIPT, "--once",
+                    [_interpreter(), "-I", "-S", ZYGOTE_SCRIPT, "--once", self._config(),
                      json.dumps({**request, "fd_numbers": fd_numbers})],
                     pass_fds=fd_numbers, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
                     start_new_session=True)
