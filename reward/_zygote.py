@@ -27,6 +27,7 @@ import base64
 import ctypes
 import fcntl
 import json
+import marshal
 import os
 import resource
 import select
@@ -180,7 +181,7 @@ def _payload(limits: dict, uid: int, channel: socket.socket) -> None:
         while chunk := os.read(JOB_FD, 1 << 20):
             chunks.append(chunk)
         os.close(JOB_FD)
-        job = json.loads(b"".join(chunks))
+        job = marshal.loads(b"".join(chunks))  # written by the trusted grader; see Sandbox.run
         os.environ.clear()
         os.environ.update({"PATH": "/usr/bin:/bin", "HOME": "/scratch", "TMPDIR": "/scratch"})
     except BaseException as e:

@@ -94,7 +94,8 @@ def test_output_past_its_cap_is_cut_and_reported(sandbox):
 
 def test_zygote_and_fresh_interpreter_launchers_give_the_same_records():
     job = {"kind": "oracle", "program": "class Solution:\n    def f(self, a):\n        return [a, (a,), {a: str(a)}]\n",
-           "setup_code": "from typing import *\n", "method": "f", "inputs": ["a = 1", "a = 2"]}
+           "setup_code": "from typing import *\n", "method": "f",
+           "inputs": [compile(f"dict({source})", "<input>", "eval") for source in ("a = 1", "a = 2")]}
     with Sandbox(LIMITS, launcher="zygote") as zygote, Sandbox(LIMITS, launcher="spawn") as spawn:
         a, b = zygote.run(job), spawn.run(job)
     assert a.records == b.records and a.exit_code == b.exit_code == 0, f"{a} vs {b}"
