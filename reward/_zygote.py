@@ -51,6 +51,7 @@ PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 # Where the guard builds the new root inside its private mount namespace (hidden from the host by MS_PRIVATE).
 NEW_ROOT = "/tmp"
 READONLY_DIRS = ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/libx32", "/sbin", "/etc")
+PACKAGES_MOUNT = "/packages"  # where the sandbox's third-party packages (Sandbox config "packages_dir") appear
 DEVICES = ("null", "zero", "urandom", "random")
 FILE_COLLECT_CAP = 4096
 # Fixed fd numbers inside the payload.
@@ -76,14 +77,15 @@ def _prctl(option: int, arg: int) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl {option}")
 
 
-def _bind_readonly(path: str) -> None:
-    target = NEW_ROOT + path
+def _bind_readonly(path: str, inside: str | None = None) -> None:
+    """Bind `path` read-only into the new root, at the same path or at `inside`."""
+    target = NEW_ROOT + (inside or path)
     os.makedirs(target, exist_ok=True)
     _mount(path, target, None, MS_BIND | MS_REC)
     _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def _build_root(limits: dict, uid: int) -> None:
+def _build_root(limits: dict, uid: int, packages_dir: str) -> None:
     """In a fresh private mount namespace: a read-only root holding only the system libraries and the interpreter."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # first: nothing below may propagate to the host
     _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
@@ -95,6 +97,7 @@ def _build_root(limits: dict, uid: int) -> None:
     for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix}:
         if not any(prefix == d or prefix.startswith(d + "/") for d in READONLY_DIRS):
             _bind_readonly(prefix)
+    _bind_readonly(packages_dir, PACKAGES_MOUNT)
     os.makedirs(NEW_ROOT + "/dev")
     for dev in DEVICES:
         open(f"{NEW_ROOT}/dev/{dev}", "w").close()
@@ -145,6 +148,7 @@ def _payload(limits: dict, uid: int, channel: socket.socket) -> None:
         _mount("proc", NEW_ROOT + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         os.chroot(NEW_ROOT)
         os.chdir("/scratch")
+        sys.path.append(PACKAGES_MOUNT)
         cpu = int(limits["cpu_s"])
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"], limits["memory_bytes"]))
@@ -225,7 +229,7 @@ def guard(config: dict, receive: Callable[[], tuple[dict, dict[str, int]]], keep
         # one sample cannot starve another, and no sandbox uid owns any file of the host.
         uid = config["uid_base"] + os.getpid()
         _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
-        _build_root(limits, uid)
+        _build_root(limits, uid, config["packages_dir"])
         to_payload, payload_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import types
 from dataclasses import dataclass
 
 from reward import _canonical
 from reward.problem import Problem
-from reward.sandbox import Execution
+from reward.sandbox import PACKAGES_DIR, Execution
+
+# Setup code may import what the sandbox offers beyond the stdlib (sortedcontainers); the grader runs the same setup
+# code to evaluate expected values, so it finds the same packages (after any installed ones).
+if PACKAGES_DIR not in sys.path:
+    sys.path.append(PACKAGES_DIR)
 
 _SHOWN_CHARS = 120
 
