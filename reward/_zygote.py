@@ -77,27 +77,32 @@ def _prctl(option: int, arg: int) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl {option}")
 
 
-def _bind_readonly(path: str, inside: str | None = None) -> None:
-    """Bind `path` read-only into the new root, at the same path or at `inside`."""
-    target = NEW_ROOT + (inside or path)
+def _bind_readonly(source_fd: int, inside: str) -> None:
+    """Bind the directory open as `source_fd` read-only into the new root at `inside`."""
+    target = NEW_ROOT + inside
     os.makedirs(target, exist_ok=True)
-    _mount(path, target, None, MS_BIND | MS_REC)
+    _mount(f"/proc/self/fd/{source_fd}", target, None, MS_BIND | MS_REC)
     _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
 def _build_root(limits: dict, uid: int, packages_dir: str) -> None:
-    """In a fresh private mount namespace: a read-only root holding only the system libraries and the interpreter."""
+    """In a fresh private mount namespace: a read-only root holding only the system libraries, the interpreter and
+    the sandbox's packages."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # first: nothing below may propagate to the host
+    binds = {path: path for path in READONLY_DIRS if os.path.isdir(path) and not os.path.islink(path)}
+    for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix}:
+        if not any(prefix == d or prefix.startswith(d + "/") for d in READONLY_DIRS):
+            binds[prefix] = prefix
+    binds[packages_dir] = PACKAGES_MOUNT
+    # opened before the new root's tmpfs covers NEW_ROOT, under which a source may lie (a checkout in /tmp)
+    source_fds = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in binds}
     _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     for path in READONLY_DIRS:
         if os.path.islink(path):
             os.symlink(os.readlink(path), NEW_ROOT + path)
-        elif os.path.isdir(path):
-            _bind_readonly(path)
-    for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix}:
-        if not any(prefix == d or prefix.startswith(d + "/") for d in READONLY_DIRS):
-            _bind_readonly(prefix)
-    _bind_readonly(packages_dir, PACKAGES_MOUNT)
+    for path, inside in binds.items():
+        _bind_readonly(source_fds[path], inside)
+        os.close(source_fds[path])
     os.makedirs(NEW_ROOT + "/dev")
     for dev in DEVICES:
         open(f"{NEW_ROOT}/dev/{dev}", "w").close()
