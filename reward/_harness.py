@@ -40,6 +40,41 @@ import _canonical
 _write, _dumps, _encode, _same, _exit, _eval = os.write, json.dumps, _canonical.encode, _canonical.same, os._exit, eval
 _MAX_ERROR_CHARS = 300
 
+# What every job does first: compile a program, star-import the setup modules, define and call a Solution, encode a
+# result. A payload prepared ahead of its job runs this once while it waits (see `warm_up`).
+_WARM_UP_PROGRAM = """
+from typing import *
+from functools import *
+from collections import *
+from itertools import *
+from heapq import *
+from bisect import *
+from string import *
+from operator import *
+from math import *
+
+class ListNode:
+    def __init__(self, val=0, next=None):
+        self.val = val
+        self.next = next
+
+class Solution:
+    def f(self, nums: List[int], k: int) -> List[int]:
+        seen = defaultdict(int)
+        for x in nums:
+            seen[x % k] += 1
+        return sorted(seen.items())
+"""
+
+
+def warm_up() -> None:
+    """Run `_WARM_UP_PROGRAM` (trusted, no job data). The memory it touches becomes this process's own instead of
+    pages shared with the zygote, which a job's first writes would each have to copy (about 3 ms of page faults per
+    execution): done while the payload waits, that cost leaves the job's critical path."""
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    exec(compile(_WARM_UP_PROGRAM, "<warm-up>", "exec"), namespace)
+    _dumps({"i": 0, "v": _encode(namespace["Solution"]().f(nums=[3, 1, 4, 1, 5], k=3))})
+
 
 def _error_text(e: BaseException) -> str:
     try:

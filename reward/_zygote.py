@@ -10,8 +10,8 @@ nothing of the grader's memory (no expected values, no other samples). Roles, on
                                            exists; then passes the job's fds to the payload, enforces the wall clock,
                                            reports exit status + collected scratch files on the status pipe
       payload (pid 1 of its namespace)     mounts /proc, chroots, drops to a per-execution uid, sets rlimits and
-                                           no_new_privs, then waits for its job's fds; reads its job from the memfd,
-                                           runs `_harness.run_job`
+                                           no_new_privs, warms up (`_harness.warm_up`), then waits for its job's
+                                           fds; reads its job from the memfd, runs `_harness.run_job`
 
 Preparing the guard ahead moves the forks, namespaces and mounts off the job's critical path (they overlap the
 previous execution); it changes nothing a payload can observe: each guard and payload serves exactly one job, and
@@ -142,10 +142,10 @@ def _setup_failed(stderr_fd: int, error: str) -> None:
     os._exit(SETUP_FAILED)
 
 
-def _payload(limits: dict, uid: int, channel: socket.socket) -> None:
+def _payload(limits: dict, uid: int, channel: socket.socket, ahead: bool) -> None:
     """Pid 1 of the new pid namespace: isolate and drop privileges, then wait on `channel` for the job's fds and
     run the job. Never returns. The isolation is set up before the job exists, so a set-up failure is kept and
-    reported on the job's stderr once that arrives."""
+    reported on the job's stderr once that arrives. `ahead`: prepared ahead of its job, so warm up while waiting."""
     setup_error = ""
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -165,6 +165,8 @@ def _payload(limits: dict, uid: int, channel: socket.socket) -> None:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
+        if ahead:
+            _harness.warm_up()
     except BaseException as e:
         setup_error = f"{type(e).__name__}: {e}"
     try:
@@ -221,9 +223,10 @@ def _collect(names: list[str]) -> dict[str, str]:
     return files
 
 
-def guard(config: dict, receive: Callable[[], tuple[dict, dict[str, int]]], keep: set[int]) -> None:
+def guard(config: dict, receive: Callable[[], tuple[dict, dict[str, int]]], keep: set[int], ahead: bool) -> None:
     """Prepare one execution (namespaces, root, a waiting payload), then take its job from `receive()`, run it and
-    report on the job's status fd. Never returns. `keep`: the fds to keep open (all others are closed first)."""
+    report on the job's status fd. Never returns. `keep`: the fds to keep open (all others are closed first).
+    `ahead`: prepared ahead of the job (the zygote's guards), rather than given it at once (`--once`)."""
     limits = config["limits"]
     setup_error = ""
     try:
@@ -239,7 +242,7 @@ def guard(config: dict, receive: Callable[[], tuple[dict, dict[str, int]]], keep
         pid = os.fork()
         if pid == 0:
             to_payload.close()
-            _payload(limits, uid, payload_end)
+            _payload(limits, uid, payload_end, ahead)
         payload_end.close()
         pidfd = os.pidfd_open(pid)
     except BaseException as e:
@@ -289,7 +292,7 @@ def _prepare_guard(control: socket.socket, config: dict) -> socket.socket:
     if os.fork() == 0:
         control.close()
         ours.close()
-        guard(config, _receive_job(theirs), keep={theirs.fileno()})
+        guard(config, _receive_job(theirs), keep={theirs.fileno()}, ahead=True)
     theirs.close()
     return ours
 
@@ -327,6 +330,6 @@ if __name__ == "__main__":
     elif sys.argv[1] == "--once":
         once_request = json.loads(sys.argv[3])
         once_fds = dict(zip(once_request["fd_names"], once_request["fd_numbers"]))
-        guard(json.loads(sys.argv[2]), lambda: (once_request, once_fds), keep=set(once_fds.values()))
+        guard(json.loads(sys.argv[2]), lambda: (once_request, once_fds), keep=set(once_fds.values()), ahead=False)
     else:
         raise SystemExit(f"usage: {sys.argv[0]} --zygote FD CONFIG_JSON | --once CONFIG_JSON REQUEST_JSON")
