@@ -9,9 +9,9 @@ nothing of the grader's memory (no expected values, no other samples). Roles, on
                                            size-capped tmpfs scratch and forks the payload, all BEFORE its job
                                            exists; then passes the job's fds to the payload, enforces the wall clock,
                                            reports exit status + collected scratch files on the status pipe
-      payload (pid 1 of its namespace)     mounts /proc, chroots, drops to a per-execution uid, sets rlimits and
-                                           no_new_privs, warms up (`_harness.warm_up`), then waits for its job's
-                                           fds; reads its job from the memfd, runs `_harness.run_job`
+      payload (pid 1 of its namespace)     mounts /proc, chroots, setsid, drops to a per-execution uid, sets
+                                           rlimits and no_new_privs, warms up (`_harness.warm_up`), then waits for
+                                           its job's fds; reads its job from the memfd, runs `_harness.run_job`
 
 Preparing the guard ahead moves the forks, namespaces and mounts off the job's critical path (they overlap the
 previous execution); it changes nothing a payload can observe: each guard and payload serves exactly one job, and
@@ -154,6 +154,9 @@ def _payload(limits: dict, uid: int, channel: socket.socket, ahead: bool) -> Non
         os.chroot(NEW_ROOT)
         os.chdir("/scratch")
         sys.path.append(PACKAGES_MOUNT)
+        # a session of its own, as each `--once` execution has: no tie to the zygote's process group, and (with
+        # sched autogroup) a CPU share of its own instead of one shared by every execution the zygote runs
+        os.setsid()
         cpu = int(limits["cpu_s"])
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"], limits["memory_bytes"]))
