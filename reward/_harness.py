@@ -10,7 +10,8 @@ grader is defined to observe (channels). Record order, checked by the grader:
 
 Setup (and, for channel jobs, input evaluation) happens before {"ready"}, i.e. before the candidate's code runs;
 its failure is a problem error ({"setup_error"} / {"input_error"}), not the candidate's. The oracle evaluates each
-input right before its test, in a snapshot of the setup namespace taken before the candidate ran.
+input right before its test, in a snapshot of the setup namespace taken before the candidate ran. Inputs (and the
+flawed graders' expected values) arrive as code objects the grader compiled (`reward.oracle.compiled_inputs`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,41 @@ import _canonical
 
 _write, _dumps, _encode, _same, _exit, _eval = os.write, json.dumps, _canonical.encode, _canonical.same, os._exit, eval
 _MAX_ERROR_CHARS = 300
+
+# What every job does first: compile a program, star-import the setup modules, define and call a Solution, encode a
+# result. A payload prepared ahead of its job runs this once while it waits (see `warm_up`).
+_WARM_UP_PROGRAM = """
+from typing import *
+from functools import *
+from collections import *
+from itertools import *
+from heapq import *
+from bisect import *
+from string import *
+from operator import *
+from math import *
+
+class ListNode:
+    def __init__(self, val=0, next=None):
+        self.val = val
+        self.next = next
+
+class Solution:
+    def f(self, nums: List[int], k: int) -> List[int]:
+        seen = defaultdict(int)
+        for x in nums:
+            seen[x % k] += 1
+        return sorted(seen.items())
+"""
+
+
+def warm_up() -> None:
+    """Run `_WARM_UP_PROGRAM` (trusted, no job data). The memory it touches becomes this process's own instead of
+    pages shared with the zygote, which a job's first writes would each have to copy (about 3 ms of page faults per
+    execution): done while the payload waits, that cost leaves the job's critical path."""
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    exec(compile(_WARM_UP_PROGRAM, "<warm-up>", "exec"), namespace)
+    _dumps({"i": 0, "v": _encode(namespace["Solution"]().f(nums=[3, 1, 4, 1, 5], k=3))})
 
 
 def _error_text(e: BaseException) -> str:
@@ -74,13 +110,13 @@ def run_job(job: dict, result_fd: int) -> None:
         _exit(0)
     inputs = []
     if job["kind"] == "channel":  # eq_override/exit_code: evaluated up front, like the flawed graders they model
-        for i, expr in enumerate(job.get("inputs", ())):
+        for i, code_of_input in enumerate(job.get("inputs", ())):
             try:
-                inputs.append(eval(f"dict({expr})", namespace))
+                inputs.append(eval(code_of_input, namespace))
             except BaseException as e:
                 records.emit({"input_error": _error_text(e), "i": i})
                 _exit(0)
-    expected = [eval(expr, namespace) for expr in job.get("expected", ())]
+    expected = [eval(code_of_expected, namespace) for code_of_expected in job.get("expected", ())]
     # The oracle evaluates each input lazily (a run stopped at its first wrong answer never pays for the rest) in
     # this snapshot, taken before the candidate runs: its re-definitions of helpers (ListNode, tree_node) land in
     # `namespace`, not here.
@@ -110,10 +146,10 @@ def _flush_and_exit(code: int) -> None:
     _exit(code)
 
 
-def _oracle_tests(records: _Records, namespace: dict, method: str, inputs: list[str], input_namespace: dict) -> None:
-    for i, expr in enumerate(inputs):
+def _oracle_tests(records: _Records, namespace: dict, method: str, inputs: list, input_namespace: dict) -> None:
+    for i, code_of_input in enumerate(inputs):
         try:
-            kwargs = _eval(f"dict({expr})", input_namespace)
+            kwargs = _eval(code_of_input, input_namespace)
         except BaseException as e:  # after the candidate ran, a failing input may be its doing: this test fails
             records.emit(_dumps({"i": i, "error": "evaluating the input raised " + _error_text(e)}))
             continue

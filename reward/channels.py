@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 
 from reward.modes import EXTRA_MODES, GT_ONLY, MODES, ExploitNames
-from reward.oracle import parse_records, preamble
+from reward.oracle import compiled_expected, compiled_inputs, parse_records, preamble
 from reward.problem import Problem
 from reward.sandbox import Execution
 
@@ -39,8 +39,8 @@ def channel_job(problem: Problem, program: str, mode: str, names: ExploitNames) 
     job = {"kind": "channel", "mode": mode, "names": names.to_dict(), "program": program,
            "setup_code": problem.setup_code, "method": problem.method_name}
     if mode in ("eq_override", "exit_code"):
-        job["inputs"] = [t.input_expr for t in problem.tests]
-        job["expected"] = [t.expected_expr for t in problem.tests]
+        job["inputs"] = list(compiled_inputs(problem))
+        job["expected"] = list(compiled_expected(problem))
     return job
 
 

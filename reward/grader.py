@@ -111,8 +111,9 @@ def grade_batch(items: Sequence[Sequence], max_workers: int | None = None,
     sandbox = sandbox or default_sandbox()
     codes = [extract_code(response) for _, response, _, _ in unpacked]
     for (problem, _, _, _), code in zip(unpacked, codes):
-        if code is not None:
-            oracle.expected_forms(problem)  # a broken problem fails here, before any execution
+        if code is not None:  # a broken problem fails here, before any execution
+            oracle.expected_forms(problem)
+            oracle.compiled_inputs(problem)
     tasks: list[tuple[int, str, Callable[[], Execution]]] = []
     for index, ((problem, _, mode, names), code) in enumerate(zip(unpacked, codes)):
         if code is None:

@@ -4,22 +4,25 @@ Isolation per execution (set up by the trusted code in `_zygote.py`, see docs/sa
   - fresh pid, mount, network, ipc and uts namespaces: the payload is pid 1 of its own pid namespace, so when it
     dies (exit, crash, or our SIGKILL at the wall-clock limit) the kernel kills every process it started;
     the network namespace has no interface but a downed loopback;
-  - a read-only chroot holding /usr, /lib*, /bin, /etc and the interpreter only (no /work, /root, /home, host
-    /tmp, /proc of the host), with a private size-capped tmpfs `/scratch` as cwd that vanishes with the
-    namespace;
+  - a read-only chroot holding /usr, /lib*, /bin, /etc, the interpreter and `PACKAGES_DIR` (at /packages) only
+    (no /work, /root, /home, host /tmp, /proc of the host), with a private size-capped tmpfs `/scratch` as cwd that
+    vanishes with the namespace;
   - a uid of its own (no supplementary groups, no_new_privs), RLIMIT_CPU / AS / FSIZE / NPROC / NOFILE / CORE;
   - stdout, stderr and the result channel are pipes read here with byte caps; a stream past its cap is closed.
 The job travels in a memfd the payload reads itself, so its data never enters the long-lived zygote.
 
 Two launchers, same isolation and the same results: "zygote" (a pre-warmed fresh interpreter forks one guard per
-execution; the default) and "spawn" (a fresh interpreter per execution; the baseline the benchmark compares to).
+execution, prepared ahead of its job; the default) and "spawn" (a fresh interpreter per execution; the baseline the
+benchmark compares to).
 Requires root (for namespaces, chroot and the uid switch): `Sandbox()` raises otherwise, naming what is missing.
 """
 
 from __future__ import annotations
 
 import base64
+import compileall
 import json
+import marshal
 import os
 import selectors
 import signal
@@ -32,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 ZYGOTE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zygote.py")
+# Third-party packages a sandboxed program may import (sortedcontainers), read-only at /packages inside; see SOURCE.md
+PACKAGES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_packages")
 _FD_NAMES = ("job", "result", "stdout", "stderr", "status")
 _STATUS_CAP = 1 << 16
 DEFAULT_UID_BASE = 2_000_000
@@ -99,8 +104,9 @@ def isolation_problems() -> list[str]:
                         f"{os.geteuid()})")
     if not hasattr(os, "pidfd_open") or not hasattr(os, "memfd_create"):
         problems.append("os.pidfd_open and os.memfd_create are required (Python >= 3.9 on Linux >= 5.3)")
-    if not os.path.exists(ZYGOTE_SCRIPT):
-        problems.append(f"missing {ZYGOTE_SCRIPT}")
+    for path in (ZYGOTE_SCRIPT, PACKAGES_DIR):
+        if not os.path.exists(path):
+            problems.append(f"missing {path}")
     return problems
 
 
@@ -110,7 +116,11 @@ def _interpreter() -> str:
 
 
 class Sandbox:
-    """Runs jobs (dicts for `_harness.run_job`) in isolated executions; safe to call `run` from many threads."""
+    """Runs jobs (dicts for `_harness.run_job`) in isolated executions; safe to call `run` from many threads.
+
+    A job travels marshalled, so it may hold code objects (the oracle's compiled test inputs): marshal data is
+    trusted here because only this grader writes it, and the sandbox runs this interpreter's own base interpreter
+    (same version, same marshal format). The payload loads it before any candidate code runs."""
 
     def __init__(self, limits: SandboxLimits = SandboxLimits(), launcher: str = "zygote",
                  uid_base: int = DEFAULT_UID_BASE):
@@ -124,6 +134,9 @@ class Sandbox:
         problems = isolation_problems()
         if problems:
             raise RuntimeError("the sandbox cannot isolate untrusted code on this host: " + "; ".join(problems))
+        # bytecode next to the packages' sources: the payload cannot write it (read-only), and compiling
+        # sortedcontainers takes ~70 ms, against ~3 ms to load it compiled
+        compileall.compile_dir(PACKAGES_DIR, quiet=2)
         self.limits = limits
         self.launcher = launcher
         self._lock = threading.Lock()
@@ -138,12 +151,16 @@ class Sandbox:
             self._control.close()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._zygote = subprocess.Popen(
-            [_interpreter(), "-I", "-S", ZYGOTE_SCRIPT, "--zygote", str(theirs.fileno())],
+            [_interpreter(), "-I", "-S", ZYGOTE_SCRIPT, "--zygote", str(theirs.fileno()), self._config()],
             pass_fds=[theirs.fileno()], env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
             start_new_session=True)
         theirs.close()
         self._control = ours
         return ours
+
+    def _config(self) -> str:
+        """What every execution of this sandbox shares, given to the zygote (or the `--once` guard) at its start."""
+        return json.dumps({"limits": asdict(self.limits), "uid_base": self.uid_base, "packages_dir": PACKAGES_DIR})
 
     def start(self) -> None:
         """Start the zygote now (otherwise the first `run` does). Idempotent."""
@@ -184,13 +201,12 @@ class Sandbox:
             if not name or "/" in name or name in (".", ".."):
                 raise ValueError(f"collect names a file in the scratch dir, got {name!r}")
         job_fd = os.memfd_create("gq-job", os.MFD_CLOEXEC)
-        os.write(job_fd, json.dumps(job).encode())
+        os.write(job_fd, marshal.dumps(job))
         os.lseek(job_fd, 0, os.SEEK_SET)
         pipes = {name: os.pipe() for name in ("result", "stdout", "stderr", "status")}
         child_ends = {"job": job_fd, **{name: w for name, (r, w) in pipes.items()}}
         ours = {name: r for name, (r, w) in pipes.items()}
-        request = {"limits": asdict(self.limits), "collect": list(collect), "fd_names": list(_FD_NAMES),
-                   "uid_base": self.uid_base}
+        request = {"collect": list(collect), "fd_names": list(_FD_NAMES)}
         spawned = None
         try:
             if self.launcher == "zygote":
@@ -200,7 +216,7 @@ class Sandbox:
             else:
                 fd_numbers = [child_ends[n] for n in _FD_NAMES]
                 spawned = subprocess.Popen(
-                    [_interpreter(), "-I", "-S", ZYGOTE_SCRIPT, "--once",
+                    [_interpreter(), "-I", "-S", ZYGOTE_SCRIPT, "--once", self._config(),
                      json.dumps({**request, "fd_numbers": fd_numbers})],
                     pass_fds=fd_numbers, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
                     start_new_session=True)

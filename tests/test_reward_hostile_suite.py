@@ -170,13 +170,19 @@ for n, (name, code) in enumerate(cfg["hostile"].items()):
 t0 = time.time()
 verdicts = grade_batch(items, max_workers=4, sandbox=sandbox)
 elapsed = time.time() - t0
-time.sleep(0.5)
-zygote_children = [p for p in os.listdir("/proc") if p.isdigit() and
-                   open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(zygote_pid)]
+def zygote_children():
+    time.sleep(0.5)
+    return [p for p in os.listdir("/proc") if p.isdigit() and
+            open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(zygote_pid)]
+after_batch = zygote_children()
+# the guard prepared for the next job must be the one that runs it (and then exit): one more execution tells a
+# prepared guard from one left behind by a hostile program
+sandbox.run({"kind": "oracle", "program": "pass\n", "setup_code": "", "method": "f", "inputs": []})
+after_one_more = zygote_children()
 out = {"verdicts": [dict(kind=k, name=n, mode_name=m, **v.to_reward_dict(), reason=v.reason)
                     for (k, n, m), v in zip(labels, verdicts)],
        "elapsed_s": elapsed, "connections": len(connections), "zygote_alive": sandbox.zygote_pid == zygote_pid,
-       "zygote_children": zygote_children, "driver_pid": os.getpid()}
+       "zygote_children": after_batch, "zygote_children_after_one_more": after_one_more, "driver_pid": os.getpid()}
 sandbox.close()
 json.dump(out, open(cfg["out"], "w"))
 '''
@@ -233,7 +239,10 @@ def test_hostile_programs_get_no_solve_no_escape_and_leave_no_trace(tmp_path: Pa
     assert not os.path.exists(escape_tmp), f"{escape_tmp} was written from inside the sandbox"
     assert out["connections"] == 0, "a sandboxed program reached a TCP listener on the host's loopback"
     assert out["zygote_alive"], "the zygote should survive hostile programs"
-    assert out["zygote_children"] == [], f"guards left behind after the batch: {out['zygote_children']}"
+    prepared, later = out["zygote_children"], out["zygote_children_after_one_more"]
+    assert len(prepared) == 1 and len(later) == 1 and not set(prepared) & set(later), (
+        f"only the guard prepared for the next job may remain, and it must be gone once that job ran: after the "
+        f"batch {prepared}, after one more execution {later} (a pid in both is a guard left behind)")
     deadline = time.monotonic() + 3
     while _sandbox_uid_processes(uid_base) and time.monotonic() < deadline:
         time.sleep(0.1)

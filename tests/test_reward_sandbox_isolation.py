@@ -24,6 +24,13 @@ facts = {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "groups":
          "no_new_privs": [l.split()[1] for l in open('/proc/self/status') if l.startswith('NoNewPrivs')][0],
          "rlimits": {n: resource.getrlimit(getattr(resource, n))[0] for n in
                      ('RLIMIT_CPU', 'RLIMIT_AS', 'RLIMIT_FSIZE', 'RLIMIT_NPROC', 'RLIMIT_NOFILE', 'RLIMIT_CORE')}}
+from sortedcontainers import SortedList
+facts["sortedcontainers"] = list(SortedList([3, 1, 2]))
+try:
+    open('/packages/sortedcontainers/planted.py', 'w').close()
+    facts["packages_writable"] = True
+except OSError:
+    facts["packages_writable"] = False
 try:
     socket.create_connection(('127.0.0.1', @PORT@), timeout=1).close()
     facts["loopback_reached_host"] = True
@@ -62,7 +69,9 @@ def test_execution_runs_unprivileged_in_its_own_namespaces_and_sees_only_its_scr
         "each execution starts in an empty private scratch dir (a file left by the first is not seen by the second)")
     assert not f1["work_visible"] and not f1["host_tmp_visible"], "host directories must be invisible"
     assert set(f1["root"]) <= {"usr", "bin", "lib", "lib64", "lib32", "libx32", "sbin", "etc", "dev", "proc",
-                               "scratch", "tmp", "root"}, f"unexpected entries in the sandbox root: {f1['root']}"
+                               "scratch", "tmp", "root", "packages"}, f"unexpected entries in the sandbox root: {f1['root']}"
+    assert f1["sortedcontainers"] == [1, 2, 3] and f1["packages_writable"] is False, (
+        "the vendored packages are importable and read-only")
     assert f1["loopback_reached_host"] is False, "the network namespace should not reach the host's loopback"
     assert f1["rlimits"] == {"RLIMIT_CPU": LIMITS.cpu_s, "RLIMIT_AS": LIMITS.memory_bytes,
                              "RLIMIT_FSIZE": LIMITS.fsize_bytes, "RLIMIT_NPROC": LIMITS.nproc,
@@ -94,7 +103,8 @@ def test_output_past_its_cap_is_cut_and_reported(sandbox):
 
 def test_zygote_and_fresh_interpreter_launchers_give_the_same_records():
     job = {"kind": "oracle", "program": "class Solution:\n    def f(self, a):\n        return [a, (a,), {a: str(a)}]\n",
-           "setup_code": "from typing import *\n", "method": "f", "inputs": ["a = 1", "a = 2"]}
+           "setup_code": "from typing import *\n", "method": "f",
+           "inputs": [compile(f"dict({source})", "<input>", "eval") for source in ("a = 1", "a = 2")]}
     with Sandbox(LIMITS, launcher="zygote") as zygote, Sandbox(LIMITS, launcher="spawn") as spawn:
         a, b = zygote.run(job), spawn.run(job)
     assert a.records == b.records and a.exit_code == b.exit_code == 0, f"{a} vs {b}"
