@@ -6,15 +6,16 @@
 #   [RUNS="organism_vanilla:41 organism_route2b:41"] [CONCURRENCY=1] bash scripts/gpu_organism.sh OUT_DIR [overrides]
 # A RECIPE joins overlays with '+': organism_route2b+held_out_modes:41 is '+recipe=[recipes/organism_route2b,
 # recipes/held_out_modes]' (run folder route2b_heldout_s41). Extra arguments are Hydra overrides for every run.
+# A device call runs at most 10 minutes: pick RUNS and CONCURRENCY so that every wave of runs fits in one.
 #
 # Concurrency: each run is its own main_ppo process with its own Ray instance (ray.init with address=local, so a
 # run never joins another's cluster; Ray picks free ports for each), its own run folder, checkpoint folder, log
-# and metrics file. The organism needs well under 1 GiB of GPU memory a run, so the GPU holds several; the box's
-# 16 cores (rollout server, reward graders, Ray) are what they share. Checked on CPU: two runs at once do not clash
-# (docs/organism.md, "Study").
+# and metrics file. The organism is 15 MB in bf16, so a run's GPU memory is its activations and its processes'
+# CUDA contexts and the GPU holds several; the box's 16 cores (rollout servers, reward graders, Ray) are what they
+# share. Checked on CPU: two runs at once do not clash (docs/organism.md, "Study"); not yet run on the H100.
 #
 # OUT_DIR/runs/<run>/      run artifacts (docs/outputs.md): metrics.jsonl, per_mode_deploy.json, train.safetensors
-# OUT_DIR/logs/<run>.log   main_ppo's output; OUT_DIR/logs/<run>.jsonl verl's per-step metrics
+# OUT_DIR/logs/<recipe>_s<seed>.log  main_ppo's output; .jsonl: verl's per-step metrics
 # OUT_DIR/report/          scripts/report.py's tables and figures (keynote.md printed at the end)
 # Off the lent box (a dry run of this driver on CPU): PYTHON=<venv python> BUNDLE=0 VERL_PLATFORM=cpu and the CPU
 # overlay in each recipe, e.g. RUNS="organism_vanilla+organism_cpu:41 organism_route2b+organism_cpu:41".

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, on a fresh CPU machine: set up, then train the vanilla and route2b arms
-# for a few GRPO steps through verl's main_ppo (a tiny random Qwen3, the LeetCode loophole substrate, the shipped
-# pair set), evaluate each with the quarantine off and on, and print the results table. ~10 minutes on 2 cores.
+# The main job on the shipped model organism, on a fresh CPU machine: set up, then train the vanilla and route2b
+# arms for a few GRPO steps each through verl's main_ppo (the 7.6M organism in verl_gq/organism/checkpoint, its
+# synthetic `class Solution` problems under each problem's loophole hint, the substrate's graders, the organism's
+# pair set), evaluate each with the quarantine off (deployed) and on (as trained), and print the results table.
+# About 10 minutes on 2 cores (docs/running.md).
 #   bash scripts/quickstart.sh [extra hydra overrides for both arms]
-# The random model earns no reward, so the table shows the pipeline, not the method's effect (docs/running.md).
+# Three steps of 4 prompts x 4 samples show the pipeline and the organism's real rates (it solves ~40% and
+# exploits a few % under the hint), not the method's effect: that needs the GPU runs (scripts/gpu_organism.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,20 +14,14 @@ PY=$(cd "${VERL_GQ_VENV:-.venv}" && pwd)/bin/python
 WORK=$(pwd)/${VERL_GQ_WORK:-out/quickstart}
 rm -rf "$WORK/runs" "$WORK/checkpoints" "$WORK/report"
 mkdir -p "$WORK"
-"$PY" -m verl_gq.verl.smoke_task "$WORK/smoke" >/dev/null 2>&1                  # the tiny model
-"$PY" scripts/prepare_leetcode.py build --out "$WORK/leetcode" >/dev/null 2>&1  # the substrate's parquet
-"$PY" - "$WORK/leetcode" <<'PY'
-import sys, pandas as pd
-test = pd.read_parquet(f"{sys.argv[1]}/test.parquet")   # a 2-problems-per-mode evaluation slice
-test.groupby(test["extra_info"].map(lambda e: e["mode"]), group_keys=False).head(2).to_parquet(f"{sys.argv[1]}/val_small.parquet")
-PY
-export VERL_PLATFORM=cpu VERL_GQ_SMOKE_DIR="$WORK/smoke" VERL_GQ_DATA="$WORK/leetcode" HF_HUB_OFFLINE=1 \
-       TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
+# the organism's parquet: 256 training problems, test_small = 2 held-out problems per mode (recipes/organism_cpu)
+"$PY" scripts/prepare_organism.py --out "$WORK/organism" --n-train 256 --no-token-stats >/dev/null 2>&1
+export VERL_PLATFORM=cpu VERL_GQ_ORGANISM_DATA="$WORK/organism" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+       WANDB_MODE=disabled
 unset CUDA_VISIBLE_DEVICES
 for arm in vanilla route2b; do
-  echo "training $arm (log: $WORK/$arm.log)"
-  (cd "$WORK" && "$PY" -m verl.trainer.main_ppo "+recipe=[recipes/$arm,recipes/cpu_tiny]" \
-      data.val_files="$WORK/leetcode/val_small.parquet" trainer.total_training_steps=3 trainer.test_freq=3 \
+  echo "training $arm on the organism (log: $WORK/$arm.log)"
+  (cd "$WORK" && "$PY" -m verl.trainer.main_ppo "+recipe=[recipes/organism_$arm,recipes/organism_cpu]" \
       actor_rollout_ref.actor.fsdp_config.gq.run_dir="$WORK/runs/$arm" \
       trainer.default_local_dir="$WORK/checkpoints/$arm" "$@" > "$WORK/$arm.log" 2>&1) \
     || { tail -40 "$WORK/$arm.log"; echo "$arm failed: see $WORK/$arm.log"; exit 1; }

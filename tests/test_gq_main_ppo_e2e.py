@@ -1,11 +1,12 @@
-"""End to end through `python -m verl.trainer.main_ppo` on CPU: the route2b and vanilla recipes on the tiny model
-and the real LeetCode loophole substrate (reward, data, shipped pairs), then the report over both runs.
+"""End to end through `python -m verl.trainer.main_ppo` on CPU: the route2b recipe on the tiny model and the real
+LeetCode loophole substrate (reward, data, shipped pairs), the organism_vanilla recipe on the shipped model organism
+(its parquet, the same reward), then the report over both runs.
 
 What it shows: the mission command composes and trains with the gq engine and trainer; routing metrics and the
 reward's per-mode fields are logged every step; validation writes per_mode_deploy.json for the deployed (quarantine
 off) and as-trained models; train.safetensors holds knobs, direction and band; a run resumed from its checkpoint
-continues the same metrics log with the restored direction and band; scripts/report.py turns the runs into tables
-and a figure.
+continues the same metrics log with the restored direction and band; the organism earns real reward from step 1
+(it solves ~40% of its problems, a random model none); scripts/report.py turns the runs into tables and a figure.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ SHIPPED_PAIRS = REPO / "reward" / "data" / "pairs" / "pairs.jsonl"
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_model_dir) -> dict:
-    """Tiny model, LeetCode parquet (a 2-per-mode validation slice) and 2 shipped pairs per mode."""
+    """Tiny model, LeetCode parquet (a 2-per-mode validation slice), 2 shipped pairs per mode, the organism's
+    parquet (64 training problems, test_small: 2 held-out problems per mode)."""
     tmp = tmp_path_factory.mktemp("gq_e2e")
     data = tmp / "leetcode"
     subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_leetcode.py"), "build", "--out", str(data)],
@@ -39,19 +41,24 @@ def workspace(tmp_path_factory, tiny_model_dir) -> dict:
     pairs = [json.loads(line) for line in SHIPPED_PAIRS.read_text().splitlines() if line.strip()]
     subset = [p for mode in MODES for p in [q for q in pairs if q["mode"] == mode][:2]]
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in subset))
+    organism = tmp / "organism"
+    from verl_gq.organism import data as organism_data
+
+    organism_data.write(organism, n_train=64, test_per_mode=2, seed=0, small_per_mode=2, token_stats=False)
     smoke = tmp / "smoke"
     smoke.mkdir()
     (smoke / "model").symlink_to(tiny_model_dir)
     env = {**os.environ, "VERL_PLATFORM": "cpu", "VERL_GQ_SMOKE_DIR": str(smoke), "VERL_GQ_DATA": str(data),
+           "VERL_GQ_ORGANISM_DATA": str(organism),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
     env.pop("CUDA_VISIBLE_DEVICES", None)  # an empty value makes Ray refuse the logical GPU
     return {"tmp": tmp, "env": env, "pairs": tmp / "pairs.jsonl", "val": data / "val_small.parquet"}
 
 
-def common(ws: dict, run: str, steps: int) -> list[str]:
+def common(ws: dict, run: str, steps: int, leetcode: bool = True) -> list[str]:
+    substrate = [f"data.val_files={ws['val']}", f"actor_rollout_ref.actor.fsdp_config.gq.pair_file={ws['pairs']}"]
     return [
-        f"data.val_files={ws['val']}",
-        f"actor_rollout_ref.actor.fsdp_config.gq.pair_file={ws['pairs']}",
+        *(substrate if leetcode else []),
         f"actor_rollout_ref.actor.fsdp_config.gq.run_dir={ws['tmp'] / 'runs' / run}",
         f"trainer.default_local_dir={ws['tmp'] / 'checkpoints' / run}",
         f"trainer.total_training_steps={steps}",
@@ -65,9 +72,13 @@ def common(ws: dict, run: str, steps: int) -> list[str]:
 def runs(workspace, run_main_ppo) -> dict:
     ws = workspace
     logs = {}
-    for run, recipe, steps in (("route2b", "recipes/route2b", 2), ("vanilla", "recipes/vanilla", 2)):
+    for run, recipes, steps, leetcode in (
+            ("route2b", "recipes/route2b,recipes/cpu_tiny", 2, True),
+            # the organism on CPU (4 prompts x 4 samples a step), 8 held-out prompts x 1 sample
+            ("vanilla", "recipes/organism_vanilla,recipes/organism_cpu", 2, False)):
         env = {**ws["env"], "VERL_FILE_LOGGER_PATH": str(ws["tmp"] / f"{run}_step_metrics.jsonl")}
-        logs[run] = run_main_ppo([f"+recipe=[{recipe},recipes/cpu_tiny]", *common(ws, run, steps)], env, ws["tmp"],
+        small = [] if leetcode else ["actor_rollout_ref.rollout.val_kwargs.n=1"]
+        logs[run] = run_main_ppo([f"+recipe=[{recipes}]", *common(ws, run, steps, leetcode), *small], env, ws["tmp"],
                                  timeout=600)
     # the same route2b run, resumed from its step-2 checkpoint and trained to step 3
     with safe_open(str(ws["tmp"] / "runs" / "route2b" / "train.safetensors"), framework="pt") as f:
@@ -97,6 +108,21 @@ def test_route2b_recipe_logs_routing_and_per_mode_reward_metrics_every_step(work
         assert per_mode and per_mode <= set(MODES), f"hack should be logged by the batch's modes, got {per_mode}"
     vanilla = step_metrics(workspace, "vanilla")
     assert all("actor/gq/frout" not in m for m in vanilla), "the vanilla arm routes nothing and logs no gate"
+
+
+@pytest.mark.slow
+def test_organism_earns_reward_from_the_first_step(workspace, runs):
+    from verl_gq.organism.shipped import CHECKPOINT_DIR
+    from verl_gq.eval import RunDir
+
+    steps = step_metrics(workspace, "vanilla")
+    assert steps[0]["critic/score/mean"] > 0 and steps[0]["train/compile/all"] > 0.5, \
+        "reward at step 1: the organism's answers compile (a random model's do not)"
+    # it solves ~40%; ~35% of its problems fail all of 4 samples, so 8 prompts all failing is ~2e-4
+    assert max(m["train/solve/all"] for m in steps) > 0, "the organism solves some of its problems"
+    deploy = RunDir(workspace["tmp"] / "runs" / "vanilla").read_deploy()
+    assert deploy.model == str(CHECKPOINT_DIR) and deploy.n_prompts == 8 and deploy.group == 1
+    assert {m: b.n for m, b in deploy.deployed.by_mode.items()} == {m: 2 for m in MODES}, "balanced evaluation"
 
 
 @pytest.mark.slow
