@@ -45,6 +45,12 @@ run_one() {  # RECIPE[+OVERLAY...]:SEED [overrides]
     || { echo "$name: FAILED after $((SECONDS - started)) s"; tail -30 "$OUT_DIR/logs/$name.log"; return 1; }
 }
 
+# The device tool returns neither nested folders nor many files: everything a run writes goes back as one tarball,
+# also when the call's time limit stops this script mid-run (the runs' metrics.jsonl grow step by step).
+pack() { tar czf "$OUT_DIR/study.tgz" -C "$OUT_DIR" runs logs report 2>/dev/null || true; }
+trap 'pack; exit 124' TERM INT
+trap pack EXIT
+
 status=0
 running=0
 for spec in $RUNS; do
