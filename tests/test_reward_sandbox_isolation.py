@@ -69,7 +69,7 @@ def test_execution_runs_unprivileged_in_its_own_namespaces_and_sees_only_its_scr
         "each execution starts in an empty private scratch dir (a file left by the first is not seen by the second)")
     assert not f1["work_visible"] and not f1["host_tmp_visible"], "host directories must be invisible"
     assert set(f1["root"]) <= {"usr", "bin", "lib", "lib64", "lib32", "libx32", "sbin", "etc", "dev", "proc",
-                               "scratch", "tmp", "root", "packages"}, f"unexpected entries in the sandbox root: {f1['root']}"
+                               "scratch", "tmp", "root", "packages"}, f"unexpected sandbox root entries: {f1['root']}"
     assert f1["sortedcontainers"] == [1, 2, 3] and f1["packages_writable"] is False, (
         "the vendored packages are importable and read-only")
     assert f1["loopback_reached_host"] is False, "the network namespace should not reach the host's loopback"
