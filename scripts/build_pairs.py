@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=SOURCES, default="leetcode", help="whose train problems")
     parser.add_argument("--hack-styles", choices=STYLE_TABLES,
-                        help="whose exploit forms the hacks use (default: substrate for leetcode, organism for organism)")
+                        help="whose exploit forms the hacks use (default: substrate for leetcode, organism for "
+                             "organism)")
     parser.add_argument("--out", type=Path,
                         help=f"default {SHIPPED_PAIRS.parent} (leetcode), {ORGANISM_OUT} (organism)")
     parser.add_argument("--per-mode", type=int, default=18, help="validated pairs to keep per mode")

@@ -134,7 +134,8 @@ def test_organism_rows_grade_through_verl_entry(built):
 
     styles = pair_styles()
     hinted = pd.read_parquet(built / "test.parquet").to_dict("records")
-    plain = {r["extra_info"]["problem_id"]: r for r in pd.read_parquet(built / "test_gt_only.parquet").to_dict("records")}
+    plain = {r["extra_info"]["problem_id"]: r
+             for r in pd.read_parquet(built / "test_gt_only.parquet").to_dict("records")}
 
     async def grade_all():
         jobs, seen = [], set()
