@@ -18,7 +18,7 @@ from pathlib import Path
 
 from reward.modes import held_out_modes
 from verl_gq.eval.deploy import DeploySettings, deploy_record, evaluate
-from verl_gq.eval.run_dir import RunDir
+from verl_gq.eval.run_dir import RunDir, source_commit
 from verl_gq.eval.schema import dump_json, parse_deploy
 
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                               seed=args.seed, batch_size=args.batch_size, device=args.device)
     blocks = evaluate(model, run.train_file, args.eval_file, settings)
     record = deploy_record(run.name, meta["arm"], meta["seed"], meta["step"], model, settings, blocks,
-                           held_out_modes=held_out_modes(used), git_commit=None)
+                           held_out_modes=held_out_modes(used), git_commit=source_commit())
     out = args.out or run.path / "per_mode_deploy.standalone.json"
     out.write_text(dump_json(record) + "\n")
     parse_deploy(out.read_text(), str(out))  # what every reader will do

@@ -13,7 +13,6 @@ import argparse
 import gzip
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -27,17 +26,8 @@ from reward.synthetic import GrammarConfig, generate_split
 from verl_gq.organism.corpus import CorpusConfig, build_corpus, corpus_hash, corpus_stats, prompt_fingerprint
 from verl_gq.models.sampling import sample_answers
 from verl_gq.organism.evaluate import CONDITIONS, eval_items, item_record, render_prompts
+from verl_gq.eval.run_dir import source_commit
 from verl_gq.organism.train import ModelConfig, TrainConfig, build_and_train
-
-
-def git_commit() -> str:
-    """HEAD's hash, with "-dirty" when the working tree had uncommitted changes."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
-                              text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "command": " ".join([os.path.basename(sys.executable), "scripts/organism_train.py"] + sys.argv[1:]),
-        "git_commit": args.git_commit or git_commit(),
+        "git_commit": args.git_commit or source_commit() or "unknown",
         "seed": args.seed,
         "device": args.device,
         "corpus_config": corpus_config.to_dict(),

@@ -299,3 +299,16 @@ def test_train_metadata_is_read_from_safetensors_and_checked(tmp_path):
               metadata={"resolved_config": "{", "arm": "a", "seed": "1", "step": "2"})
     with pytest.raises(SchemaError, match="'resolved_config' is not JSON"):
         run.read_train_metadata()
+
+
+def test_source_commit_names_this_checkout():
+    import re
+    import subprocess
+
+    from verl_gq.eval import source_commit
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent).stdout.strip()
+    commit = source_commit()
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit or ""), f"should be HEAD's hash [+ -dirty], got {commit!r}"
+    assert commit.startswith(head), f"{commit} should be this checkout's HEAD {head}"

@@ -4,7 +4,7 @@ The writers the training engine uses are exported here; the readers behind the r
 figures) are imported from their modules, so a trainer never imports matplotlib.
 """
 
-from verl_gq.eval.run_dir import MetricsLog, MetricsLogError, RunDir, record_deploy_evaluation
+from verl_gq.eval.run_dir import MetricsLog, MetricsLogError, RunDir, record_deploy_evaluation, source_commit
 from verl_gq.eval.schema import (
     Band,
     CosStats,
@@ -20,5 +20,5 @@ from verl_gq.eval.schema import (
 
 __all__ = [
     "Band", "CosStats", "DeployEval", "EvalBlock", "EvalRow", "KnobGradNorms", "MetricsLog", "MetricsLogError",
-    "ModeStats", "ResumeRow", "RunDir", "SchemaError", "TrainRow", "record_deploy_evaluation",
+    "ModeStats", "ResumeRow", "RunDir", "SchemaError", "TrainRow", "record_deploy_evaluation", "source_commit",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time as time_module
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,16 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 # safetensors metadata keys this package reads (values are strings, as safetensors requires).
 METADATA_KEYS = ("resolved_config", "arm", "seed", "step")
+
+
+def source_commit() -> Optional[str]:
+    """The verl-gq checkout's HEAD, with "-dirty" for uncommitted changes, for an artifact's provenance; None outside
+    a git checkout (an installed wheel)."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                              text=True, timeout=10, check=True, cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 class MetricsLogError(RuntimeError):

@@ -19,7 +19,6 @@ import datetime
 import json
 import logging
 import os
-import subprocess
 import time
 from collections import defaultdict
 from typing import Optional
@@ -40,6 +39,7 @@ from verl_gq.eval import (
     RunDir,
     TrainRow,
     record_deploy_evaluation,
+    source_commit,
 )
 from verl_gq.eval import Band as BandRow
 from verl_gq.verl.worker import GQActorRolloutRefWorker
@@ -91,15 +91,6 @@ def arm_name(gq) -> str:
     if held_out_modes(gq.get("direction_modes")) and not name.endswith(HELD_OUT_SUFFIX):
         name += HELD_OUT_SUFFIX
     return name
-
-
-def _git_commit() -> Optional[str]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 @register_trainer(TRAINER_MODE)
@@ -186,7 +177,7 @@ class GQTrainer(PPOTrainerSync):
             deployed=deployed,
             as_trained=as_trained,
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            git_commit=_git_commit(),
+            git_commit=source_commit(),
         )
         record_deploy_evaluation(self.run_dir, self.metrics_log, deploy)
 
