@@ -302,13 +302,17 @@ def test_train_metadata_is_read_from_safetensors_and_checked(tmp_path):
 
 
 def test_source_commit_names_this_checkout():
+    """HEAD's hash (+ "-dirty") where git can read the checkout; None where it cannot (e.g. an installed wheel)."""
     import re
     import subprocess
 
     from verl_gq.eval import source_commit
 
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                          cwd=Path(__file__).resolve().parent).stdout.strip()
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent)
     commit = source_commit()
+    if git.returncode != 0:
+        assert commit is None, f"git cannot read this checkout ({git.stderr.strip()}), yet source_commit gave {commit}"
+        return
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit or ""), f"should be HEAD's hash [+ -dirty], got {commit!r}"
-    assert commit.startswith(head), f"{commit} should be this checkout's HEAD {head}"
+    assert commit.startswith(git.stdout.strip()), f"{commit} should be this checkout's HEAD {git.stdout.strip()}"
