@@ -12,7 +12,10 @@
 # run never joins another's cluster; Ray picks free ports for each), its own run folder, checkpoint folder, log
 # and metrics file. The organism is 15 MB in bf16, so a run's GPU memory is its activations and its processes'
 # CUDA contexts and the GPU holds several; the box's 16 cores (rollout servers, reward graders, Ray) are what they
-# share. Checked on CPU: two runs at once do not clash (docs/organism.md, "Study"); not yet run on the H100.
+# share. Checked on CPU: two runs at once do not clash (docs/organism.md, "Study"). On the H100, three at once
+# ran but slowly: 32-40 s a step, with 5-6 s for a forward-only log-prob pass of a 7.6M model (2.6 GB of GPU
+# memory). The likely cause is three processes time-slicing one GPU (no MPS) with thousands of tiny kernels each.
+# Use CONCURRENCY=1 until that is measured (docs/results/organism-h100-2026-11-24.md).
 #
 # OUT_DIR/runs/<run>/      run artifacts (docs/outputs.md): metrics.jsonl, per_mode_deploy.json, train.safetensors
 # OUT_DIR/logs/<recipe>_s<seed>.log  main_ppo's output; .jsonl: verl's per-step metrics
