@@ -40,5 +40,6 @@ def gate(
     if not bool(torch.isfinite(flat).all()):
         bad = [name for name in names if not bool(torch.isfinite(policy_loss_grads[name]).all())]
         raise ValueError(f"policy-loss gradients contain NaN/inf in {bad[:3]}: the loss should be finite")
-    scores = flat_direction_scores(-flat, flatten_modules(direction, names))
+    # cos(-g, v) = cos(g, -v): negate the (k, R) direction, not the (n, R) gradients (n = tokens, per token)
+    scores = flat_direction_scores(flat, -flatten_modules(direction, names))
     return GateResult(weights=band.weights(scores), scores=scores, band=band)
