@@ -31,8 +31,9 @@ from reward.modes import MODES
 from reward.synthetic import SyntheticProblem
 from verl_gq.organism.shipped import CHECKPOINT_DIR, load_manifest, organism_problems
 
-# parquet split name -> reward.synthetic split it is drawn from
-SPLITS = {"train": "train", "test": "eval"}
+def _depths_in_turn(by_depth: Sequence[Sequence]) -> list:
+    """Items of the depth groups taken d1, d2, d3, d1, ... (each group in its own order) until all are used."""
+    return [group[k] for k in range(max(map(len, by_depth), default=0)) for group in by_depth if k < len(group)]
 
 
 def train_problems(n: int, seed: int) -> list[SyntheticProblem]:
@@ -54,7 +55,7 @@ def eval_problems(per_mode: int, seed: int) -> list[SyntheticProblem]:
         by_depth = [[sp for sp in pool if sp.mode == mode and sp.depth == d] for d in (1, 2, 3)]
         if any(len(group) != cells for group in by_depth):
             raise RuntimeError(f"mode {mode}: depth cells {[len(g) for g in by_depth]}, {cells} each expected")
-        chosen += [group[i] for i in range(cells) for group in by_depth][:per_mode]
+        chosen += _depths_in_turn(by_depth)[:per_mode]
     return sorted(chosen, key=lambda sp: sp.problem.problem_id)
 
 
@@ -75,7 +76,7 @@ def small_slice(problems: Sequence[SyntheticProblem], split_rows: SplitRows, per
     keep: set[int] = set()
     for mode in MODES:
         by_depth = [[i for i, sp in enumerate(problems) if sp.mode == mode and sp.depth == d] for d in (1, 2, 3)]
-        turns = [group[k] for k in range(max(map(len, by_depth))) for group in by_depth if k < len(group)]
+        turns = _depths_in_turn(by_depth)
         if len(turns) < per_mode:
             raise ValueError(f"mode {mode}: {len(turns)} problems, a slice of {per_mode} per mode asked for")
         keep.update(turns[:per_mode])
