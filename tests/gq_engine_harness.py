@@ -28,6 +28,7 @@ from verl_gq.verl.engine_driver import (  # noqa: E402
     actor_update,
     build_engine,
     init_process_group,
+    knob_values,
     make_batch,
 )
 
@@ -102,13 +103,10 @@ def plant_pairs(model_dir: str, options: dict, path: str) -> str:
 
 def state_of(engine) -> dict:
     """Knob values, direction, band and step counter of an engine, as plain lists."""
-    def full(t):
-        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().double().flatten().tolist()
-
-    state = {"knobs": {name: {"keep": full(layer.keep_knob), "quarantine": full(layer.quarantine_knob)}
-                       for name, layer in engine.adapter.layers.items()}}
+    state = {"knobs": knob_values(engine)}
     if engine.route2b is not None:
-        state["direction"] = {m: full(v) for m, v in (engine.route2b.direction or {}).items()}
+        state["direction"] = {m: v.detach().double().flatten().tolist()
+                              for m, v in (engine.route2b.direction or {}).items()}
         state["band"] = [engine.route2b.band.lower, engine.route2b.band.upper] if engine.route2b.band else None
         state["optimizer_steps"] = engine.route2b.optimizer_steps
     return state

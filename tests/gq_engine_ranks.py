@@ -34,6 +34,7 @@ from verl_gq.verl.engine_driver import (
     build_engine,
     free_port,
     init_process_group,
+    knob_values,
     make_batch,
 )
 
@@ -93,15 +94,6 @@ def knob_shard(engine) -> dict:
     local = knob.to_local() if hasattr(knob, "to_local") else knob
     return {"placements": str(getattr(knob, "placements", None)), "local_numel": local.numel(),
             "numel": knob.numel()}
-
-
-def knob_values(engine) -> dict:
-    """Every knob's full (all-gathered) value as a list."""
-    def full(t):
-        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().double().flatten().tolist()
-
-    return {name: {"keep": full(layer.keep_knob), "quarantine": full(layer.quarantine_knob)}
-            for name, layer in engine.adapter.layers.items()}
 
 
 def state_after_step(engine) -> dict:

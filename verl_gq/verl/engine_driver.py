@@ -144,17 +144,26 @@ def make_batch(seed: int, n: int, vocab: int, micro_batch: int, *, prompt_len: t
     return data
 
 
+def _unsharded(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def knob_grads(engine) -> dict[str, dict[str, list[float]]]:
     """Every knob's full (unsharded) gradient as nested lists; None where a knob has none."""
-    out = {}
-    for name, layer in engine.adapter.layers.items():
-        def full(p):
-            if p.grad is None:
-                return None
-            g = p.grad
-            return (g.full_tensor() if hasattr(g, "full_tensor") else g).double().tolist()
-        out[name] = {"keep": full(layer.keep_knob), "quarantine": full(layer.quarantine_knob)}
-    return out
+    def grad(p):
+        return None if p.grad is None else _unsharded(p.grad).double().tolist()
+
+    return {name: {"keep": grad(layer.keep_knob), "quarantine": grad(layer.quarantine_knob)}
+            for name, layer in engine.adapter.layers.items()}
+
+
+def knob_values(engine) -> dict[str, dict[str, list[float]]]:
+    """Every knob's full (unsharded) value as a flat list."""
+    def value(p):
+        return _unsharded(p).detach().double().flatten().tolist()
+
+    return {name: {"keep": value(layer.keep_knob), "quarantine": value(layer.quarantine_knob)}
+            for name, layer in engine.adapter.layers.items()}
 
 
 def actor_update(engine, data, loss_fn, *, step: bool = True, read_grads: bool = False) -> dict:
