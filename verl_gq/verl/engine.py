@@ -9,9 +9,11 @@ verl picks a training engine by `actor.strategy` (EngineRegistry); this one is r
   rollout (or per token) instead of written to `.grad`; gate each example by its cosine with the hack direction;
   accumulate kept = sum (1-w) g and quarantine = sum w g; after the last micro-batch all-reduce both over the
   data-parallel group and write them as the knobs' gradients. The gate reads gradients, the direction and the band
-  only: nothing of the batch's rewards, labels or extra fields reaches it (tests/test_engine_no_cheat.py).
+  only: nothing of the batch's rewards, labels or extra fields reaches it (tests/test_engine_route2b.py).
 - `get_per_tensor_param`: streams merged weights W + U diag(keep + c quar) V^T with c = 1 (as trained) or 0
   (deployed), switched by `set_quarantine`; the rollout engine receives ordinary HF-named weights.
+- `prepare_model_outputs`: verl's own, with log-probs computed in row blocks where verl would loop over tokens
+  (no flash-attn cross-entropy kernel; verl_gq/verl/logprobs.py).
 - `disable_adapter`: the exact base model, used as the reference policy (no second copy of the weights).
 - checkpoints: knobs travel in verl's FSDP checkpoint (they are model parameters); the direction, band and
   step counter go to `gq_state.safetensors` beside it, so a resumed run continues exactly.
@@ -38,6 +40,7 @@ from verl_gq.adapter.config import QuarantineAdapterConfig
 from verl_gq.adapter.model import QuarantineAdapter, inject_quarantine_adapter
 from verl_gq.routing.capture import KnobGradientCapture, Segments
 from verl_gq.verl.config import GQConfig, GQConfigError
+from verl_gq.verl.logprobs import chunked_logprobs_in_fsdp_engine
 from verl_gq.verl.route2b import Route2bController
 
 logger = logging.getLogger(__name__)
@@ -71,11 +74,21 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         module = super()._build_module()
         if self.engine_config.forward_only:
             return module  # a stand-alone reference model is the base model: no knobs
-        if self.engine_config.strategy == "fsdp" and not self.engine_config.use_orig_params:
-            raise GQConfigError(
-                "FSDP1 flat parameters cannot mix the frozen base with trainable knobs: set "
-                "actor_rollout_ref.actor.fsdp_config.use_orig_params=true or use strategy gq_fsdp2"
-            )
+        if self.engine_config.strategy == "fsdp":
+            if not self.engine_config.use_orig_params:
+                raise GQConfigError(
+                    "FSDP1 flat parameters cannot mix the frozen base with trainable knobs: set "
+                    "actor_rollout_ref.actor.fsdp_config.use_orig_params=true or use strategy gq_fsdp2"
+                )
+            output_embeddings = module.get_output_embeddings()
+            if output_embeddings is not None and output_embeddings.weight is module.get_input_embeddings().weight:
+                # torch's FSDP1 (use_orig_params) asserts "as_params=True type(prim_param)=<class 'torch.Tensor'>"
+                # on the second forward when a tied weight sits in a flat parameter with nothing trainable, which
+                # the frozen embedding always does (reproduced with torch alone; FSDP2 has no flat parameters)
+                raise GQConfigError(
+                    f"{type(module).__name__} ties its input and output embeddings, which torch's FSDP1 cannot run "
+                    "frozen (the base is frozen under the quarantine adapter): use strategy gq_fsdp2"
+                )
         svd_device = get_device_id() if get_device_name() == "cuda" and torch.cuda.is_available() else None
         self.adapter = inject_quarantine_adapter(
             module,
@@ -90,6 +103,13 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
     def _build_model_optimizer(self):
         super()._build_model_optimizer()
         if self.adapter is not None and self.gq.method == "route2b":
+            if self.engine_config.strategy == "fsdp" and self.get_data_parallel_size() > 1:
+                # FSDP1 keeps each rank's part of a knob as a flat 1-D slice of its FlatParameter; the routed gradient
+                # is written whole (_write_knob_grad), which only matches that slice on a world of one
+                raise GQConfigError(
+                    "route2b on gq_fsdp (FSDP1) runs on one data-parallel rank only; use strategy gq_fsdp2 for "
+                    f"{self.get_data_parallel_size()} ranks"
+                )
             self.route2b = Route2bController(
                 gq=self.gq,
                 adapter=self.adapter,
@@ -121,6 +141,11 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                 yield hf_name, tensor.to(device, non_blocking=True)
 
         return stream(), None
+
+    def prepare_model_outputs(self, output, output_args, micro_batch: TensorDict, logits_processor_func):
+        # verl's log-probs loop over tokens without flash-attn's kernel (verl_gq/verl/logprobs.py)
+        with chunked_logprobs_in_fsdp_engine():
+            return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
 
     # --- the gated backward ----------------------------------------------------------------------------------
 
