@@ -1,8 +1,9 @@
 """Drives verl-gq's training engine in one process, as verl's TrainingWorker does, on a verl-shaped mini-batch.
 
-Run as a subprocess by tests/test_engine_*.py (so VERL_PLATFORM=cpu and the gloo process group belong to it alone):
+Run as a subprocess by tests/test_engine_*.py (so the platform and the process group belong to it alone):
 
-    python tests/gq_engine_harness.py MODEL_DIR OUT_JSON OPTIONS_JSON
+    VERL_PLATFORM=cpu python tests/gq_engine_harness.py MODEL_DIR OUT_JSON OPTIONS_JSON   # gloo, one CPU rank
+    python tests/gq_engine_harness.py MODEL_DIR OUT_JSON OPTIONS_JSON                     # nccl, one GPU
 
 It writes OUT_JSON: for every arm of OPTIONS_JSON["arms"], the knobs' gradients after the mini-batch's backward
 (before the optimizer step), the engine's gq/ metrics, and (on request) the state saved to and restored from a
@@ -16,8 +17,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from functools import partial
 
-os.environ.setdefault("VERL_PLATFORM", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -39,11 +40,25 @@ def batch_for(engine, options: dict, seed: int):
                       remove_padding=options.get("remove_padding", True))
 
 
+def allow_fsdp1_on_cpu() -> None:
+    """verl wraps FSDP1 with sync_module_states=True (verl/workers/engine/fsdp/transformer_impl.py:444), and torch
+    refuses that for CPU parameters (torch/distributed/fsdp/_init_utils.py,
+    `_check_module_states_for_sync_module_states`): a guard for NCCL, which cannot broadcast CPU tensors. Under gloo
+    the broadcast is an ordinary CPU one, so on a CPU rank the harness lifts that one guard for FSDP1; on a GPU
+    nothing is lifted."""
+    from torch.distributed.fsdp import _init_utils
+
+    _init_utils._check_module_states_for_sync_module_states = lambda module_states: None
+
+
 def run(model_dir: str, options: dict) -> dict:
     """Every configuration in options["arms"] on the same mini-batch: {arm_name: actor_update(...)}.
 
-    Each arm is a fresh engine built from the same base model (knobs at zero), so arms see identical losses."""
+    Each arm is a fresh engine built from the same base model (knobs at zero), so arms see identical losses.
+    options["strategy"] picks the engine's FSDP (gq_fsdp2, the default, or gq_fsdp) for every arm."""
     init_process_group()
+    if options.get("strategy") == "gq_fsdp" and os.environ.get("VERL_PLATFORM") == "cpu":
+        allow_fsdp1_on_cpu()
     results = {}
     loss_fn = actor_loss_fn(rollout_n=1, mini_batch=options.get("n", 8))
     for arm, arm_options in options["arms"].items():
@@ -51,9 +66,9 @@ def run(model_dir: str, options: dict) -> dict:
         if merged.get("plant_pairs"):
             merged["gq"] = {**merged["gq"], "pair_file": plant_pairs(model_dir, merged, merged["plant_pairs"])}
         torch.manual_seed(0)
-        engine = build_engine(model_dir, merged["gq"], remove_padding=merged.get("remove_padding", True),
-                              checkpointing=merged.get("checkpointing", False),
-                              micro_batch=merged.get("micro_batch", 4))
+        build = partial(build_engine, model_dir, merged["gq"], remove_padding=merged.get("remove_padding", True),
+                        micro_batch=merged.get("micro_batch", 4), strategy=merged.get("strategy", "gq_fsdp2"))
+        engine = build(checkpointing=merged.get("checkpointing", False))
         data = batch_for(engine, merged, merged.get("seed", 0))
         for key, values in merged.get("extra_fields", {}).items():
             data[key] = torch.tensor(values)
@@ -63,8 +78,7 @@ def run(model_dir: str, options: dict) -> dict:
             engine.save_checkpoint(path, global_step=1)
             results[arm]["state"] = state_of(engine)
         if merged.get("load_checkpoint"):
-            fresh = build_engine(model_dir, merged["gq"], remove_padding=merged.get("remove_padding", True),
-                                 checkpointing=False, micro_batch=merged.get("micro_batch", 4))
+            fresh = build(checkpointing=False)
             fresh.load_checkpoint(merged["load_checkpoint"], del_local_after_load=False)
             results[arm]["restored_state"] = state_of(fresh)
         del engine

@@ -1,7 +1,9 @@
-"""route2b through verl's real FSDP2 engine (gloo, one rank, CPU) on a verl-shaped mini-batch and verl's ppo_loss.
+"""route2b through verl's real FSDP engine (one rank) on a verl-shaped mini-batch and verl's ppo_loss.
 
 One subprocess (tests/gq_engine_harness.py) builds a fresh gq engine per arm from the same tiny base model and runs
 one mini-batch's forward/backward as TrainingWorker does; the tests compare the knobs' gradients across arms.
+Each arm set runs under FSDP2 (gq_fsdp2, on the tied-embedding tiny Qwen3) and FSDP1 (gq_fsdp with use_orig_params,
+on its untied twin: FSDP1 cannot run a frozen tied embedding), on a gloo CPU rank or, where there is one, a GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 HARNESS = Path(__file__).with_name("gq_engine_harness.py")
 TOL = 1e-6  # float32 model: routed sums vs one autograd sum differ by rounding only
@@ -33,21 +36,38 @@ def _pair_file(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def arms(tiny_model_dir: Path, tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("engine")
+GPU = torch.cuda.is_available()
+
+
+def _run_harness(model_dir: Path, out: Path, options: dict, check: bool = True) -> subprocess.CompletedProcess:
+    # this checkout first: the harness's sys.path starts at tests/, so `import verl_gq` would otherwise find whichever
+    # checkout is installed editable in the environment (e.g. another git worktree)
+    repo = str(HARNESS.resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.pop("VERL_PLATFORM", None)
+    if not GPU:
+        env["VERL_PLATFORM"] = "cpu"
+    run = subprocess.run([sys.executable, str(HARNESS), str(model_dir), str(out), json.dumps(options)],
+                         timeout=600, env=env, capture_output=True, text=True)
+    if check:
+        assert run.returncode == 0, f"the engine harness failed:\n{run.stderr[-6000:]}"
+    return run
+
+
+def _arm_options(tmp: Path, strategy: str, checkpoint: bool) -> dict:
     pairs = str(_pair_file(tmp / "pairs.jsonl"))
     route2b = {"method": "route2b", "rank": 8, "pair_file": pairs}
     labels = {"rm_scores": [0.5, 3.5, 0.0, 3.5, 0.5, 0.0, 3.5, 0.5], "hack": [0, 1, 0, 1, 0, 0, 1, 0],
               "solve": [1, 0, 0, 0, 1, 0, 0, 1]}
     permuted = {k: list(reversed(v)) for k, v in labels.items()}
-    options = {
+    saved = {"save_checkpoint": str(tmp / "ckpt"), "load_checkpoint": str(tmp / "ckpt")} if checkpoint else {}
+    return {
         "n": 8,
         "micro_batch": 4,
+        "strategy": strategy,
         "arms": {
             "vanilla": {"gq": {"method": "vanilla", "rank": 8}},
-            "route2b": {"gq": route2b, "extra_fields": labels, "save_checkpoint": str(tmp / "ckpt"),
-                        "load_checkpoint": str(tmp / "ckpt")},
+            "route2b": {"gq": route2b, "extra_fields": labels, **saved},
             "route2b_permuted_labels": {"gq": route2b, "extra_fields": permuted},
             "route2b_token": {"gq": {**route2b, "granularity": "token"}},
             "route2b_checkpointing": {"gq": route2b, "checkpointing": True},
@@ -57,14 +77,32 @@ def arms(tiny_model_dir: Path, tmp_path_factory) -> dict:
             "route2b_token_padded": {"gq": {**route2b, "granularity": "token"}, "remove_padding": False},
         },
     }
+
+
+def _run_arms(model_dir: Path, tmp: Path, strategy: str, checkpoint: bool = True) -> dict:
+    tmp.mkdir(parents=True, exist_ok=True)
     out = tmp / "result.json"
-    # this checkout first: the harness's sys.path starts at tests/, so `import verl_gq` would otherwise find whichever
-    # checkout is installed editable in the environment (e.g. another git worktree)
-    repo = str(HARNESS.resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    subprocess.run([sys.executable, str(HARNESS), str(tiny_model_dir), str(out), json.dumps(options)],
-                   check=True, timeout=600, env=env)
+    _run_harness(model_dir, out, _arm_options(tmp, strategy, checkpoint))
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def arms(tiny_model_dir: Path, tmp_path_factory) -> dict:
+    """Every arm under FSDP2 on the tied-embedding tiny Qwen3."""
+    return _run_arms(tiny_model_dir, tmp_path_factory.mktemp("engine"), "gq_fsdp2")
+
+
+# verl's FSDP1 save moves a CPU-resident model "to the GPU" as f"{device}:{id}", i.e. "cpu:cpu" on the CPU platform
+# (verl/utils/fsdp_utils.py:229), so FSDP1 checkpoints are exercised on a GPU only.
+FSDP1_CPU_CHECKPOINT = "verl's FSDP1 checkpoint path needs an accelerator (device string 'cpu:cpu')"
+
+
+@pytest.fixture(scope="module")
+def fsdp1_and_fsdp2(tiny_untied_model_dir: Path, tmp_path_factory) -> dict:
+    """Every arm under FSDP1 (gq_fsdp, use_orig_params) and FSDP2 on the same untied model."""
+    tmp = tmp_path_factory.mktemp("engine_fsdp1")
+    return {strategy: _run_arms(tiny_untied_model_dir, tmp / strategy, strategy, checkpoint=GPU or strategy != "gq_fsdp")
+            for strategy in ("gq_fsdp", "gq_fsdp2")}
 
 
 def _max_diff(a: dict, b: dict, combine) -> float:
@@ -114,15 +152,24 @@ def test_routing_metrics_are_reported(arms):
     assert 0.0 <= metrics["gq/frout"] <= 1.0
 
 
+def _assert_same_routing(a: dict, b: dict, what: str) -> None:
+    """Two runs of one arm route alike: every knob gradient within TOL of scale (GPU kernels need not be bitwise
+    deterministic between two engines) and every routing metric but the refresh's wall time."""
+    for combine in (lambda g: g["keep"], lambda g: g["quarantine"] or [0.0] * len(g["keep"])):
+        scale = max(max(abs(v) for v in combine(g)) for g in a["grads"].values()) or 1.0
+        diff = _max_diff(a["grads"], b["grads"], combine)
+        assert diff <= TOL * scale, f"{what}: knob gradients differ by {diff:.3e} (scale {scale:.3e})"
+    metrics_a = {k: v for k, v in a["metrics"].items() if k != "gq/refresh_seconds"}
+    metrics_b = {k: v for k, v in b["metrics"].items() if k != "gq/refresh_seconds"}
+    assert metrics_a.keys() == metrics_b.keys(), f"{what}: different routing metrics"
+    for key, value in metrics_a.items():
+        assert value == pytest.approx(metrics_b[key], rel=1e-5, abs=1e-6), f"{what}: {key} {value} vs {metrics_b[key]}"
+
+
 def test_routing_ignores_reward_labels_and_hack_flags(arms):
     """No-cheat invariant: the batch's rewards, hack and solve flags reach the engine but not the gate."""
-    a, b = arms["route2b"], arms["route2b_permuted_labels"]
-    assert a["grads"] == b["grads"], "permuting reward/hack/solve fields should not change any routed gradient"
-    timing = {"gq/refresh_seconds"}
-    same = {k: v for k, v in a["metrics"].items() if k not in timing}
-    assert same == {k: v for k, v in b["metrics"].items() if k not in timing}, (
-        "permuting reward/hack/solve fields should not change the routing metrics"
-    )
+    _assert_same_routing(arms["route2b"], arms["route2b_permuted_labels"],
+                         "permuting reward/hack/solve fields should change nothing routed")
 
 
 def test_resumed_engine_restores_knobs_direction_band_and_step(arms):
@@ -132,3 +179,36 @@ def test_resumed_engine_restores_knobs_direction_band_and_step(arms):
     assert restored["optimizer_steps"] == saved["optimizer_steps"] == 1
     assert any(v != 0 for k in saved["knobs"].values() for v in k["keep"] + k["quarantine"]), "a step should move knobs"
     assert restored["knobs"] == saved["knobs"], "knob values should survive verl's FSDP checkpoint"
+
+
+def test_fsdp1_refuses_a_tied_embedding_by_name(tiny_model_dir, tmp_path):
+    """torch's FSDP1 asserts deep in its flat-parameter code on the second forward of a frozen tied embedding; the
+    engine should refuse such a model at build time and say what to use instead."""
+    run = _run_harness(tiny_model_dir, tmp_path / "result.json",
+                       {"strategy": "gq_fsdp", "arms": {"vanilla": {"gq": {"method": "vanilla", "rank": 8}}}}, check=False)
+    assert run.returncode != 0
+    assert "ties its input and output embeddings" in run.stderr and "gq_fsdp2" in run.stderr, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("arm", ["vanilla", "route2b", "route2b_token", "route2b_checkpointing", "route2b_planted",
+                                 "vanilla_planted", "vanilla_padded", "route2b_token_padded"])
+def test_fsdp1_routes_as_fsdp2_does(fsdp1_and_fsdp2, arm):
+    """gq_fsdp (FSDP1, use_orig_params) gives every arm the knob gradients and routing metrics of gq_fsdp2."""
+    fsdp1, fsdp2 = fsdp1_and_fsdp2["gq_fsdp"][arm], fsdp1_and_fsdp2["gq_fsdp2"][arm]
+    _assert_same_routing(fsdp1, fsdp2, f"{arm}: FSDP1 against FSDP2")
+    if arm.startswith("vanilla"):
+        assert all(g["quarantine"] is None for g in fsdp1["grads"].values()), "vanilla: no quarantine gradient"
+
+
+def test_fsdp1_comparison_covers_routed_mass(fsdp1_and_fsdp2):
+    """The FSDP1/FSDP2 comparison is not vacuous: the planted arm sends gradient to the quarantine knob."""
+    metrics = fsdp1_and_fsdp2["gq_fsdp"]["route2b_planted"]["metrics"]
+    assert metrics["gq/frout"] > 0.3 and metrics["gq/quarantine_grad_norm"] > 0, metrics
+
+
+def test_fsdp1_resumed_engine_restores_knobs_direction_band_and_step(fsdp1_and_fsdp2):
+    if not GPU:
+        pytest.skip(FSDP1_CPU_CHECKPOINT)
+    route2b = fsdp1_and_fsdp2["gq_fsdp"]["route2b"]
+    assert route2b["restored_state"] == route2b["state"], "FSDP1: knobs, direction, band and step survive a resume"
+    assert any(v != 0 for k in route2b["state"]["knobs"].values() for v in k["keep"] + k["quarantine"])

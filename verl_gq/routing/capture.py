@@ -210,20 +210,25 @@ class KnobGradientCapture:
 
 class _StashedKnobProduct(torch.autograd.Function):
     """h = a * (keep + c * quar); backward passes dL/da on and hands (a, dL/dh) to `record` instead of writing
-    knob gradients."""
+    knob gradients. The knobs get zeros rather than None: FSDP1 (use_orig_params) runs its post-backward hook only
+    for a flat parameter that receives a gradient, and without it the parameters stay in their forward state."""
 
     @staticmethod
     def forward(ctx, a, keep, quar, coefficient, record):
         scale = (keep + coefficient * quar).to(a.dtype)
         ctx.save_for_backward(a, scale)
         ctx.record = record
+        ctx.knobs = (keep, quar)
         return a * scale
 
     @staticmethod
     def backward(ctx, grad_h):
         a, scale = ctx.saved_tensors
         ctx.record(a, grad_h)
-        return grad_h * scale, None, None, None, None
+        keep, quar = ctx.knobs
+        zero_keep = torch.zeros_like(keep) if ctx.needs_input_grad[1] else None
+        zero_quar = torch.zeros_like(quar) if ctx.needs_input_grad[2] else None
+        return grad_h * scale, zero_keep, zero_quar, None, None
 
 
 def _accumulate(stash: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:

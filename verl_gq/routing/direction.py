@@ -104,8 +104,9 @@ def completion_log_prob_gradients(
             logits = logits[:, -(length - first) : -1][scored_rows.to(device), scored_columns.to(device)]
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             total_log_prob = -F.cross_entropy(logits, targets, reduction="sum")
-            # autograd.grad (not .backward): the stash is the output; no parameter's .grad is touched.
-            torch.autograd.grad(total_log_prob, list(capture.knob_inputs.values()), allow_unused=True)
+            # the stash is the output; the knobs' .grad receive zeros (capture.py). A full backward, not
+            # autograd.grad: FSDP1 (use_orig_params) restores its parameters only in its post-backward hooks
+            total_log_prob.backward()
             chunks.append(capture.per_example_gradients())
     restore = torch.empty(len(order), dtype=torch.long)
     restore[torch.tensor(order)] = torch.arange(len(order))  # row of sequence i in the sorted concatenation

@@ -38,8 +38,9 @@ def init_process_group() -> None:
 
 
 def build_engine(model_dir: str, gq: dict, *, remove_padding: bool, checkpointing: bool, micro_batch: int,
-                 precision: str = "fp32", lr: float = 1e-2):
-    """A gq engine (strategy gq_fsdp2) over `model_dir`, configured as the recipes' actor is; `precision` fp32 or
+                 precision: str = "fp32", lr: float = 1e-2, strategy: str = "gq_fsdp2"):
+    """A gq engine over `model_dir`, configured as the recipes' actor is: `strategy` gq_fsdp2 (FSDP2) or gq_fsdp
+    (FSDP1 with use_orig_params; verl wraps it with sync_module_states, which needs a GPU); `precision` fp32 or
     bf16 (verl's mixed precision: bf16 compute, fp32 parameters and reductions)."""
     import verl_gq.verl.plugin  # noqa: F401  (registers the cpu platform and the gq engine)
     from verl.trainer.config import CheckpointConfig
@@ -47,7 +48,10 @@ def build_engine(model_dir: str, gq: dict, *, remove_padding: bool, checkpointin
     from verl.workers.engine.base import EngineRegistry
 
     from verl_gq.verl.config import GQConfig, GQFSDPEngineConfig
+    from verl_gq.verl.engine import GQ_STRATEGIES
 
+    if strategy not in GQ_STRATEGIES:
+        raise ValueError(f"strategy {strategy!r}: one of {sorted(GQ_STRATEGIES)}")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision {precision!r}: fp32 or bf16")
     model_config = HFModelConfig(
@@ -57,21 +61,22 @@ def build_engine(model_dir: str, gq: dict, *, remove_padding: bool, checkpointin
         override_config={"attn_implementation": "sdpa"},
     )
     engine_config = GQFSDPEngineConfig(
-        strategy="fsdp2",
+        strategy=GQ_STRATEGIES[strategy],
+        use_orig_params=strategy == "gq_fsdp",
         use_torch_compile=False,
         mixed_precision={"param_dtype": "bf16" if precision == "bf16" else "fp32", "reduce_dtype": "fp32",
                          "buffer_dtype": "fp32"},
         gq=GQConfig(**gq),
     )
     # what FSDPActorConfig.__post_init__ and TrainingWorker do to the engine config
-    object.__setattr__(engine_config, "strategy", "gq_fsdp2")
+    object.__setattr__(engine_config, "strategy", strategy)
     engine_config.use_remove_padding = remove_padding
     engine_config.use_dynamic_bsz = False
     engine_config.micro_batch_size_per_gpu = micro_batch
     optimizer_config = FSDPOptimizerConfig(lr=lr, total_training_steps=10, clip_grad=1e9)
     engine = EngineRegistry.new(
         model_type="language_model",
-        backend="gq_fsdp2",
+        backend=strategy,
         model_config=model_config,
         engine_config=engine_config,
         optimizer_config=optimizer_config,
