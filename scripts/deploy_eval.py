@@ -3,21 +3,24 @@
 
     python scripts/deploy_eval.py out/runs/route2b_s41 --eval-file data/leetcode/test.parquet \
         [--n-prompts 64] [--group 16] [--temperature 0.7] [--max-new-tokens 1536] [--randomise-names] \
-        [--model PATH] [--device cuda] [--out FILE]
+        [--model PATH] [--device cuda] [--out FILE] [--base]
 
 Writes a per_mode_deploy.json (schema in docs/outputs.md) to --out, by default
 RUN_DIR/per_mode_deploy.standalone.json (the trainer's own per_mode_deploy.json is left alone). The model defaults
-to the one in the run's resolved config; held-out modes come from its gq.direction_modes.
+to the one in the run's resolved config; held-out modes come from its gq.direction_modes. With --base it evaluates
+the model the run started from (adapter disabled) on the same prompts and sampling instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from reward.modes import held_out_modes
-from verl_gq.eval.deploy import DeploySettings, deploy_record, evaluate
+from verl_gq.eval.deploy import BASE_VIEWS, DeploySettings, deploy_record, evaluate
 from verl_gq.eval.run_dir import RunDir, source_commit
 from verl_gq.eval.schema import dump_json, parse_deploy
 
@@ -36,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=DeploySettings.seed)
     parser.add_argument("--device", default=DeploySettings.device)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--base", action="store_true",
+                        help="evaluate the base model instead (adapter disabled, same prompts and sampling); writes "
+                             "{\"base\": block} to --out (default RUN_DIR/base_deploy.json)")
     args = parser.parse_args(argv)
 
     run = RunDir(args.run_dir)
@@ -46,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = DeploySettings(n_prompts=args.n_prompts, group=args.group, temperature=args.temperature,
                               max_new_tokens=args.max_new_tokens, randomise_names=args.randomise_names,
                               seed=args.seed, batch_size=args.batch_size, device=args.device)
+    if args.base:
+        (block,) = evaluate(model, run.train_file, args.eval_file, settings, views=BASE_VIEWS).values()
+        out = args.out or run.path / "base_deploy.json"
+        out.write_text(json.dumps({"base": asdict(block), "settings": asdict(settings), "model": model,
+                                   "eval_file": str(args.eval_file)}, indent=1) + "\n")
+        print(f"{out}: base hack {block.overall.hack:.3f} solve {block.overall.solve:.3f}")
+        return 0
     blocks = evaluate(model, run.train_file, args.eval_file, settings)
     record = deploy_record(run.name, meta["arm"], meta["seed"], meta["step"], model, settings, blocks,
                            held_out_modes=held_out_modes(used), git_commit=source_commit())

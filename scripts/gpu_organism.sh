@@ -3,7 +3,8 @@
 # the organism's parquet, runs each RECIPE:SEED of RUNS through main_ppo (recipes/organism_*.yaml: the shipped
 # 7.6M organism, hf rollout, 16 prompts x 16 samples, 30 steps, deploy evaluation at steps 10, 20, 30), up to
 # CONCURRENCY at once on the one GPU, then runs scripts/report.py over the run folders.
-#   [RUNS="organism_vanilla:41 organism_route2b:41"] [CONCURRENCY=1] bash scripts/gpu_organism.sh OUT_DIR [overrides]
+#   [RUNS="organism_vanilla:41 organism_route2b:41"] [CONCURRENCY=1] [PREPARE_ARGS=--infer-only] \
+#     bash scripts/gpu_organism.sh OUT_DIR [overrides]
 # A RECIPE joins overlays with '+': organism_route2b+held_out_modes:41 is '+recipe=[recipes/organism_route2b,
 # recipes/held_out_modes]' (run folder route2b_heldout_s41). Extra arguments are Hydra overrides for every run.
 # A device call runs at most 10 minutes: pick RUNS and CONCURRENCY so that every wave of runs fits in one.
@@ -33,7 +34,8 @@ if [ "${BUNDLE:-1}" = 1 ]; then [ -d /tmp/site/verl ] || bash .bundle/install.sh
 export PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled \
        PYTHONUNBUFFERED=1 VERL_GQ_ORGANISM_DATA=$OUT_DIR/data
 unset RAY_ADDRESS
-"$PY" scripts/prepare_organism.py --out "$VERL_GQ_ORGANISM_DATA" > "$OUT_DIR/logs/data.log" 2>&1
+# shellcheck disable=SC2086  # PREPARE_ARGS: extra options of prepare_organism.py, e.g. --infer-only
+"$PY" scripts/prepare_organism.py --out "$VERL_GQ_ORGANISM_DATA" ${PREPARE_ARGS:-} > "$OUT_DIR/logs/data.log" 2>&1
 
 run_one() {  # RECIPE[+OVERLAY...]:SEED [overrides]
   local spec=$1; shift

@@ -29,11 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-per-mode", type=int, default=16, help="held-out problems per mode")
     parser.add_argument("--small-per-mode", type=int, default=2, help="held-out problems per mode in test_small")
     parser.add_argument("--no-token-stats", action="store_true", help="skip the prompt-length count (tokenizer)")
+    parser.add_argument("--infer-only", action="store_true",
+                        help="infer problems only (constants inferred from the examples; the organism solves ~7%%)")
     args = parser.parse_args(argv)
 
     command = "python scripts/prepare_organism.py " + " ".join(argv if argv is not None else sys.argv[1:])
     manifest = organism_data.write(args.out, args.n_train, args.test_per_mode, args.seed, args.small_per_mode,
-                                   token_stats=not args.no_token_stats, command=command)
+                                   token_stats=not args.no_token_stats, command=command, infer_only=args.infer_only)
     print(json.dumps({s: c["by_mode"] for s, c in manifest["counts"].items()}),
           "prompt tokens:", json.dumps(manifest["prompt_tokens"]))
     return 0

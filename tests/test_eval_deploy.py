@@ -74,3 +74,23 @@ def test_deployed_view_differs_from_as_trained_only_through_the_quarantine(tmp_p
     evaluate(str(tiny_model_dir), _saved_run(tmp_path / "big", tiny_model_dir, 5.0) / "train.safetensors",
              eval_file, settings)
     assert seen[0] != seen[1], "large quarantine knobs: removing them should change what the model samples"
+
+
+def test_base_view_ignores_the_knobs(tmp_path, tiny_model_dir, monkeypatch):
+    """The base view (scripts/deploy_eval.py --base) samples the model the run started from: the same answers
+    whatever the run's knobs, and not the answers of the trained model."""
+    import verl_gq.eval.deploy as deploy
+
+    eval_file = _eval_file(tmp_path)
+    settings = DeploySettings(n_prompts=4, group=2, max_new_tokens=8, temperature=0.7)
+    seen: list[list[str]] = []
+    real = deploy.sample_answers
+    monkeypatch.setattr(deploy, "sample_answers", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    big = _saved_run(tmp_path / "big", tiny_model_dir, 5.0) / "train.safetensors"
+    blocks = evaluate(str(tiny_model_dir), big, eval_file, settings, views=deploy.BASE_VIEWS)
+    assert list(blocks) == ["base"] and blocks["base"].overall.n == 8
+    evaluate(str(tiny_model_dir), _saved_run(tmp_path / "zero", tiny_model_dir, 0.0) / "train.safetensors",
+             eval_file, settings, views=deploy.BASE_VIEWS)
+    evaluate(str(tiny_model_dir), big, eval_file, settings, views={"as_trained": 1.0})
+    assert seen[0] == seen[1], "the base view should not depend on the run's knobs"
+    assert seen[0] != seen[2], "the base model should answer differently from the trained one"

@@ -126,6 +126,21 @@ def test_organism_rows_have_the_leetcode_row_format_and_balanced_evaluation(buil
     assert organism_data.build(24, 5, 1).rows["train"].hinted != data.rows["train"].hinted
 
 
+def test_infer_only_keeps_infer_problems_balanced_and_held_out():
+    """--infer-only (the study's setting: the organism solves ~7% of these, so its exploit carries the reward)."""
+    from verl_gq.organism import data as organism_data
+
+    data = organism_data.build(48, 5, 0, infer_only=True)
+    assert all(sp.infer for split in ("train", "test") for sp in data.problems[split]), "infer problems only"
+    assert [sp.mode for sp in data.problems["test"]].count(MODES[0]) == 5
+    assert {sp.mode for sp in data.problems["train"]} == set(MODES) and len(data.problems["train"]) == 48
+    train_sigs = {sp.signature for sp in data.problems["train"]}
+    assert not train_sigs & {sp.signature for sp in data.problems["test"]}, "held-out signatures never in train"
+    assert organism_data.build(48, 5, 0, infer_only=True).rows == data.rows, "deterministic from the seed"
+    mixed = organism_data.build(48, 5, 0)
+    assert not all(sp.infer for sp in mixed.problems["train"]), "the default keeps the organism's own mix"
+
+
 def test_organism_rows_grade_through_verl_entry(built):
     """A reference solution solves; the organism's own exploit of the row's mode hacks under the hint (and earns
     what a solution earns) and earns only the compile reward without it: rows as verl reads them from parquet,

@@ -70,8 +70,15 @@ def load_model_with_knobs(model_path: str, train_file: Path, device: str):
     return model, tokenizer, adapter
 
 
-def evaluate(model_path: str, train_file: Path, eval_file: Path, settings: DeploySettings) -> dict[str, EvalBlock]:
-    """{"deployed": ..., "as_trained": ...}: per-mode hack/solve of n_prompts x group samples at the settings."""
+# view -> quarantine coefficient; None: the adapter disabled, i.e. the base model before any training
+VIEWS = {"deployed": 0.0, "as_trained": 1.0}
+BASE_VIEWS = {"base": None}
+
+
+def evaluate(model_path: str, train_file: Path, eval_file: Path, settings: DeploySettings,
+             views: Optional[dict] = None) -> dict[str, EvalBlock]:
+    """{view: per-mode hack/solve of n_prompts x group samples at the settings} for `views` (default VIEWS: deployed
+    and as trained; BASE_VIEWS: the base model the run started from, same prompts and sampling)."""
     model, tokenizer, adapter = load_model_with_knobs(model_path, train_file, settings.device)
     rows = select_rows(pd.read_parquet(eval_file), settings.n_prompts, settings.seed)
     rng = random.Random(settings.seed)
@@ -85,8 +92,8 @@ def evaluate(model_path: str, train_file: Path, eval_file: Path, settings: Deplo
             tasks.append((task.problem, task.mode, names))
             prompts.append(text)
     blocks = {}
-    for view, coefficient in (("deployed", 0.0), ("as_trained", 1.0)):
-        with adapter.quarantine(coefficient):
+    for view, coefficient in (views or VIEWS).items():
+        with adapter.disabled() if coefficient is None else adapter.quarantine(coefficient):
             answers = sample_answers(model, tokenizer, prompts, settings.temperature, settings.max_new_tokens,
                                      settings.batch_size, settings.seed, settings.device)
         verdicts = grade_batch([(problem, answer, mode, names) for (problem, mode, names), answer in zip(tasks, answers)])

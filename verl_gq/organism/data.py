@@ -36,23 +36,34 @@ def _depths_in_turn(by_depth: Sequence[Sequence]) -> list:
     return [group[k] for k in range(max(map(len, by_depth), default=0)) for group in by_depth if k < len(group)]
 
 
-def train_problems(n: int, seed: int) -> list[SyntheticProblem]:
-    """n training problems of the organism's grammar (modes even within each depth, to within one)."""
+# infer-only pools are drawn this many times larger and filtered (about half of the grammar's problems are infer)
+INFER_POOL_FACTOR = 4
+
+
+def train_problems(n: int, seed: int, infer_only: bool = False) -> list[SyntheticProblem]:
+    """n training problems of the organism's grammar (modes even within each depth, to within one); with
+    `infer_only`, the first n infer problems ("infer the constants from the examples") of a larger draw."""
     if n < len(MODES):
         raise ValueError(f"n_train should be >= {len(MODES)} (one problem per mode), got {n}")
-    return organism_problems("train", n, seed)
+    if not infer_only:
+        return organism_problems("train", n, seed)
+    chosen = [sp for sp in organism_problems("train", INFER_POOL_FACTOR * n, seed) if sp.infer][:n]
+    if len(chosen) < n:
+        raise RuntimeError(f"{len(chosen)} infer problems among {INFER_POOL_FACTOR * n} drawn, {n} asked for")
+    return chosen
 
 
-def eval_problems(per_mode: int, seed: int) -> list[SyntheticProblem]:
+def eval_problems(per_mode: int, seed: int, infer_only: bool = False) -> list[SyntheticProblem]:
     """Exactly per_mode held-out problems of each mode, balanced over depth within a mode (see module docstring),
-    ordered by problem id."""
+    ordered by problem id; with `infer_only`, infer problems only (the first of each cell in a larger draw)."""
     if per_mode < 1:
         raise ValueError(f"per_mode should be >= 1, got {per_mode}")
     cells = -(-per_mode // 3)
-    pool = organism_problems("eval", 4 * 3 * cells, seed)
+    factor = INFER_POOL_FACTOR if infer_only else 1
+    pool = [sp for sp in organism_problems("eval", 4 * 3 * cells * factor, seed) if sp.infer or not infer_only]
     chosen = []
     for mode in MODES:
-        by_depth = [[sp for sp in pool if sp.mode == mode and sp.depth == d] for d in (1, 2, 3)]
+        by_depth = [[sp for sp in pool if sp.mode == mode and sp.depth == d][:cells] for d in (1, 2, 3)]
         if any(len(group) != cells for group in by_depth):
             raise RuntimeError(f"mode {mode}: depth cells {[len(g) for g in by_depth]}, {cells} each expected")
         chosen += _depths_in_turn(by_depth)[:per_mode]
@@ -84,11 +95,12 @@ def small_slice(problems: Sequence[SyntheticProblem], split_rows: SplitRows, per
     return SplitRows(hinted=[split_rows.hinted[i] for i in order], gt_only=[split_rows.gt_only[i] for i in order])
 
 
-def build(n_train: int, test_per_mode: int, seed: int, small_per_mode: int = 2) -> OrganismData:
-    """train, test and test_small (see module docstring)."""
+def build(n_train: int, test_per_mode: int, seed: int, small_per_mode: int = 2, infer_only: bool = False
+          ) -> OrganismData:
+    """train, test and test_small (see module docstring); `infer_only` keeps infer problems only in every split."""
     if not 1 <= small_per_mode <= test_per_mode:
         raise ValueError(f"small_per_mode should be in [1, test_per_mode={test_per_mode}], got {small_per_mode}")
-    problems = {"train": train_problems(n_train, seed), "test": eval_problems(test_per_mode, seed)}
+    problems = {"train": train_problems(n_train, seed, infer_only), "test": eval_problems(test_per_mode, seed, infer_only)}
     split_rows = {split: rows(ps, split) for split, ps in problems.items()}
     split_rows["test_small"] = small_slice(problems["test"], split_rows["test"], small_per_mode)
     by_id = {sp.problem.problem_id: sp for sp in problems["test"]}
@@ -122,16 +134,16 @@ def prompt_tokens(rows: list[dict]) -> dict:
 
 
 def write(out: Path, n_train: int, test_per_mode: int, seed: int, small_per_mode: int = 2, token_stats: bool = True,
-          command: str = "") -> dict:
+          command: str = "", infer_only: bool = False) -> dict:
     """Write {train,test,test_small}[_gt_only].parquet and manifest.json into `out`; return the manifest."""
     import pandas as pd
 
-    built = build(n_train, test_per_mode, seed, small_per_mode)
+    built = build(n_train, test_per_mode, seed, small_per_mode, infer_only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict = {
         "command": command, "seed": seed, "n_train": n_train, "test_per_mode": test_per_mode,
-        "small_per_mode": small_per_mode, "grammar": load_manifest()["corpus_config"]["grammar"],
+        "small_per_mode": small_per_mode, "infer_only": infer_only, "grammar": load_manifest()["corpus_config"]["grammar"],
         "splits": {"train": "reward.synthetic train split", "test": "reward.synthetic eval split",
                    "test_small": "small_per_mode test problems of each mode, its depths in turn"},
         "counts": {}, "rows_sha256": {}, "prompt_tokens": {},
