@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The organism study on one GPU box without vLLM or internet (the lent H100): installs the offline bundle, builds
 # the organism's parquet, runs each RECIPE:SEED of RUNS through main_ppo (recipes/organism_*.yaml: the shipped
-# 7.6M organism, hf rollout, 16 prompts x 16 samples, 30 steps, deploy evaluation at steps 10, 20, 30), up to
+# 7.6M organism, hf rollout, 16 prompts x 16 samples, 18 steps, deploy evaluations at steps 6, 12, 18), up to
 # CONCURRENCY at once on the one GPU, then runs scripts/report.py over the run folders.
 #   [RUNS="organism_vanilla:41 organism_route2b:41"] [CONCURRENCY=1] [PREPARE_ARGS=--infer-only] \
 #     bash scripts/gpu_organism.sh OUT_DIR [overrides]
@@ -13,10 +13,10 @@
 # run never joins another's cluster; Ray picks free ports for each), its own run folder, checkpoint folder, log
 # and metrics file. The organism is 15 MB in bf16, so a run's GPU memory is its activations and its processes'
 # CUDA contexts and the GPU holds several; the box's 16 cores (rollout servers, reward graders, Ray) are what they
-# share. Checked on CPU: two runs at once do not clash (docs/organism.md, "Study"). On the H100, three at once
-# ran but slowly: 32-40 s a step, with 5-6 s for a forward-only log-prob pass of a 7.6M model (2.6 GB of GPU
-# memory). The likely cause is three processes time-slicing one GPU (no MPS) with thousands of tiny kernels each.
-# Use CONCURRENCY=1 until that is measured (docs/results/organism-h100-2026-11-24.md).
+# share. On the H100: ~12 s a step alone, ~24 s each with four at once (after the engine's block log-probs; the
+# earlier 32-40 s was verl's per-token log-prob loop, not the sharing). Four runs of 18 steps without an in-run
+# evaluation (trainer.test_freq=-1) fit one call: the study's command is in
+# docs/results/organism-h100-study-2026-11-24.md. Use a fresh OUT_DIR per call: a run refuses a non-empty metrics log.
 #
 # OUT_DIR/runs/<run>/      run artifacts (docs/outputs.md): metrics.jsonl, per_mode_deploy.json, train.safetensors
 # OUT_DIR/logs/<recipe>_s<seed>.log  main_ppo's output; .jsonl: verl's per-step metrics
@@ -34,8 +34,11 @@ if [ "${BUNDLE:-1}" = 1 ]; then [ -d /tmp/site/verl ] || bash .bundle/install.sh
 export PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled \
        PYTHONUNBUFFERED=1 VERL_GQ_ORGANISM_DATA=$OUT_DIR/data
 unset RAY_ADDRESS
-# shellcheck disable=SC2086  # PREPARE_ARGS: extra options of prepare_organism.py, e.g. --infer-only
-"$PY" scripts/prepare_organism.py --out "$VERL_GQ_ORGANISM_DATA" ${PREPARE_ARGS:-} > "$OUT_DIR/logs/data.log" 2>&1
+# PREPARE_ARGS: options of prepare_organism.py. The study's default, --infer-only: problems whose constants are
+# inferred from the examples, which the organism solves ~7% of the time; on the whole grammar its exploit did not grow
+# in 19 steps (docs/results/organism-h100-study-2026-11-24.md). PREPARE_ARGS= keeps the whole grammar.
+# shellcheck disable=SC2086
+"$PY" scripts/prepare_organism.py --out "$VERL_GQ_ORGANISM_DATA" ${PREPARE_ARGS---infer-only} > "$OUT_DIR/logs/data.log" 2>&1
 
 run_one() {  # RECIPE[+OVERLAY...]:SEED [overrides]
   local spec=$1; shift

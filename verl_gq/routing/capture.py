@@ -218,16 +218,15 @@ class _StashedKnobProduct(torch.autograd.Function):
         scale = (keep + coefficient * quar).to(a.dtype)
         ctx.save_for_backward(a, scale)
         ctx.record = record
-        ctx.knobs = (keep, quar)
+        ctx.knob_like = [(k.shape, k.dtype, k.device) for k in (keep, quar)]  # not the tensors: FSDP frees them
         return a * scale
 
     @staticmethod
     def backward(ctx, grad_h):
         a, scale = ctx.saved_tensors
         ctx.record(a, grad_h)
-        keep, quar = ctx.knobs
-        zero_keep = torch.zeros_like(keep) if ctx.needs_input_grad[1] else None
-        zero_quar = torch.zeros_like(quar) if ctx.needs_input_grad[2] else None
+        zero_keep, zero_quar = (torch.zeros(shape, dtype=dtype, device=device) if needed else None
+                                for (shape, dtype, device), needed in zip(ctx.knob_like, ctx.needs_input_grad[1:3]))
         return grad_h * scale, zero_keep, zero_quar, None, None
 
 
