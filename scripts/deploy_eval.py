@@ -6,7 +6,9 @@
         [--model PATH] [--device cuda] [--out FILE] [--base]
 
 Writes a per_mode_deploy.json (schema in docs/outputs.md) to --out, by default
-RUN_DIR/per_mode_deploy.standalone.json (the trainer's own per_mode_deploy.json is left alone). The model defaults
+RUN_DIR/per_mode_deploy.standalone.json (the trainer's own per_mode_deploy.json is left alone); with --record, as the
+run's own evaluation at its saved step (RUN_DIR/per_mode_deploy.json and an eval row in metrics.jsonl), for runs
+trained without an in-run evaluation (scripts/report.py then reads them). The model defaults
 to the one in the run's resolved config; held-out modes come from its gq.direction_modes. With --base it evaluates
 the model the run started from (adapter disabled) on the same prompts and sampling instead.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from reward.modes import held_out_modes
 from verl_gq.eval.deploy import BASE_VIEWS, DeploySettings, deploy_record, evaluate
-from verl_gq.eval.run_dir import RunDir, source_commit
+from verl_gq.eval.run_dir import RunDir, record_deploy_evaluation, source_commit
 from verl_gq.eval.schema import dump_json, parse_deploy
 
 
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=DeploySettings.seed)
     parser.add_argument("--device", default=DeploySettings.device)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--record", action="store_true",
+                        help="record it as the run's evaluation at its saved step: per_mode_deploy.json and an eval "
+                             "row in metrics.jsonl (what the trainer writes; for runs trained without one)")
     parser.add_argument("--base", action="store_true",
                         help="evaluate the base model instead (adapter disabled, same prompts and sampling); writes "
                              "{\"base\": block} to --out (default RUN_DIR/base_deploy.json)")
@@ -62,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     blocks = evaluate(model, run.train_file, args.eval_file, settings)
     record = deploy_record(run.name, meta["arm"], meta["seed"], meta["step"], model, settings, blocks,
                            held_out_modes=held_out_modes(used), git_commit=source_commit())
-    out = args.out or run.path / "per_mode_deploy.standalone.json"
-    out.write_text(dump_json(record) + "\n")
+    if args.record:
+        record_deploy_evaluation(run, run.open_metrics_log(resume_from_step=meta["step"]), record)
+        out = run.deploy_file
+    else:
+        out = args.out or run.path / "per_mode_deploy.standalone.json"
+        out.write_text(dump_json(record) + "\n")
     parse_deploy(out.read_text(), str(out))  # what every reader will do
     print(f"{out}: deployed hack {record.deployed.overall.hack:.3f} solve {record.deployed.overall.solve:.3f}; "
           f"as trained hack {record.as_trained.overall.hack:.3f} solve {record.as_trained.overall.solve:.3f}")

@@ -58,6 +58,32 @@ def test_deploy_eval_command_writes_a_valid_per_mode_file(tmp_path, tiny_model_d
         assert block.overall.n == 8 and all(block.by_mode[m].n == 2 for m in block.by_mode if block.by_mode[m].n)
 
 
+def test_record_writes_the_runs_own_evaluation_and_an_eval_row(tmp_path, tiny_model_dir):
+    """--record: the evaluation of a run trained without one becomes its per_mode_deploy.json and an eval row at the
+    saved step, which is what scripts/report.py reads."""
+    from verl_gq.eval.run_dir import RunDir
+    from verl_gq.eval.schema import EvalBlock, KnobGradNorms, TrainRow
+
+    def train_row(step: int) -> TrainRow:
+        batch = EvalBlock.from_samples(["run_tests"] * 4, [True, False, False, False], [False] * 4, eval_modes=["run_tests"])
+        return TrainRow(step=step, time=100.0 + step, reward_mean=1.0, as_trained=batch, frout=0.0, cos=None,
+                        band=None, knob_grad_norm=KnobGradNorms(keep=1.0, quarantine=0.0), direction_refreshed=False,
+                        extra={})
+
+    run, eval_file = _saved_run(tmp_path, tiny_model_dir, 0.5), _eval_file(tmp_path)
+    log = RunDir(run).open_metrics_log()
+    for step in (1, 2, 3):
+        log.append(train_row(step))
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "deploy_eval.py"), str(run), "--eval-file",
+                             str(eval_file), "--n-prompts", "4", "--group", "2", "--max-new-tokens", "8", "--record"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = RunDir(run).read_metrics()
+    # the log notes that it was reopened at the saved step, then the evaluation
+    assert [(r.kind, r.step) for r in rows] == [("train", 1), ("train", 2), ("train", 3), ("resume", 3), ("eval", 3)]
+    assert RunDir(run).read_deploy().step == 3 and not (run / "per_mode_deploy.standalone.json").exists()
+
+
 def test_deployed_view_differs_from_as_trained_only_through_the_quarantine(tmp_path, tiny_model_dir, monkeypatch):
     """With zero quarantine knobs both views sample the same answers; with large ones the answers change."""
     import verl_gq.eval.deploy as deploy
