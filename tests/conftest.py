@@ -11,27 +11,17 @@ from pathlib import Path
 import pytest
 
 
-def _tiny_qwen3(out: Path, tie_word_embeddings: bool, seed: int = 0) -> Path:
-    from verl_gq.models import build_qwen_model, tiny_corpus, train_tokenizer
-
-    tokenizer = train_tokenizer(tiny_corpus(), vocab_size=512)
-    build_qwen_model(tokenizer, family="qwen3", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
-                     seed=seed, out_dir=out, tie_word_embeddings=tie_word_embeddings)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An HF folder (config, safetensors, tokenizer with chat template) of a 2-layer hidden-64 Qwen3 (tied
     embeddings, as the small Qwen3 models have)."""
-    return _tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3"), tie_word_embeddings=True)
+    from verl_gq.models import build_qwen_model, tiny_corpus, train_tokenizer
 
-
-@pytest.fixture(scope="session")
-def tiny_untied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same shape with separate input and output embeddings (what FSDP1 can run frozen). Seed 2: its planted pairs
-    (tests/gq_engine_harness.py) give a positive band, as seed 0's do for the tied model."""
-    return _tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3_untied"), tie_word_embeddings=False, seed=2)
+    out = tmp_path_factory.mktemp("tiny_qwen3")
+    tokenizer = train_tokenizer(tiny_corpus(), vocab_size=512)
+    build_qwen_model(tokenizer, family="qwen3", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+                     seed=0, out_dir=out)
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,10 @@ def run(model_dir: str, options: dict) -> dict:
         for key, values in merged.get("extra_fields", {}).items():
             data[key] = torch.tensor(values)
         results[arm] = actor_update(engine, data, loss_fn, step=bool(merged.get("save_checkpoint")), read_grads=True)
+        if merged.get("state_dict_after_two_steps"):
+            actor_update(engine, batch_for(engine, merged, merged.get("seed", 0) + 1), loss_fn)
+            actor_update(engine, batch_for(engine, merged, merged.get("seed", 0) + 2), loss_fn)
+            results[arm]["state_dict_keys"] = sorted(engine.module.state_dict())
         if merged.get("save_checkpoint"):
             path = merged["save_checkpoint"]
             engine.save_checkpoint(path, global_step=1)

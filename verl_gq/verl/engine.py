@@ -80,15 +80,6 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                     "FSDP1 flat parameters cannot mix the frozen base with trainable knobs: set "
                     "actor_rollout_ref.actor.fsdp_config.use_orig_params=true or use strategy gq_fsdp2"
                 )
-            output_embeddings = module.get_output_embeddings()
-            if output_embeddings is not None and output_embeddings.weight is module.get_input_embeddings().weight:
-                # torch's FSDP1 (use_orig_params) asserts "as_params=True type(prim_param)=<class 'torch.Tensor'>"
-                # on the second forward when a tied weight sits in a flat parameter with nothing trainable, which
-                # the frozen embedding always does (reproduced with torch alone; FSDP2 has no flat parameters)
-                raise GQConfigError(
-                    f"{type(module).__name__} ties its input and output embeddings, which torch's FSDP1 cannot run "
-                    "frozen (the base is frozen under the quarantine adapter): use strategy gq_fsdp2"
-                )
         svd_device = get_device_id() if get_device_name() == "cuda" and torch.cuda.is_available() else None
         self.adapter = inject_quarantine_adapter(
             module,
@@ -102,6 +93,9 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
 
     def _build_model_optimizer(self):
         super()._build_model_optimizer()
+        if self.adapter is not None and self.engine_config.strategy == "fsdp":
+            # before FSDP's own pre-forward (its writeback would adopt stuck views as the parameters)
+            self.module.register_forward_pre_hook(lambda module, args: self._reshard_frozen_fsdp1_units())
         if self.adapter is not None and self.gq.method == "route2b":
             if self.engine_config.strategy == "fsdp" and self.get_data_parallel_size() > 1:
                 # FSDP1 keeps each rank's part of a knob as a flat 1-D slice of its FlatParameter; the routed gradient
@@ -150,9 +144,15 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
     # --- the gated backward ----------------------------------------------------------------------------------
 
     def forward_backward_batch(self, data: TensorDict, loss_function: Callable, forward_only=False):
-        if forward_only or self.route2b is None:
-            if forward_only or self.adapter is None:
-                return super().forward_backward_batch(data, loss_function, forward_only=forward_only)
+        if forward_only or self.adapter is None:
+            return super().forward_backward_batch(data, loss_function, forward_only=forward_only)
+        output = self._knob_forward_backward(data, loss_function)
+        if self.engine_config.strategy == "fsdp":
+            self._reshard_frozen_fsdp1_units()  # a checkpoint or a state dict may come next
+        return output
+
+    def _knob_forward_backward(self, data: TensorDict, loss_function: Callable):
+        if self.route2b is None:
             with KnobGradientCapture(self.adapter, mode="plain"):
                 return super().forward_backward_batch(data, loss_function, forward_only=False)
         self.route2b.begin_mini_batch()
@@ -250,6 +250,22 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         else:
             grad = full_grad.to(parameter.device)
         parameter.grad = grad if parameter.grad is None else parameter.grad + grad
+
+    def _reshard_frozen_fsdp1_units(self) -> None:
+        """Reshard the FSDP1 units that backward left unsharded, as torch's catch-all would have.
+
+        With one rank FSDP1 runs NO_SHARD, and its catch-all reshard after backward
+        (torch/distributed/fsdp/_runtime_utils.py, `_catch_all_reshard`) takes such a handle for already resharded
+        (its flat parameter is its local shard). A unit with nothing trainable, the root (embeddings, final norm,
+        LM head) under the adapter, then keeps the plain-tensor views of its backward. The next forward's writeback
+        adopts them as its parameters, a tied embedding asserts (`as_params=True type(prim_param)=Tensor`) and the
+        state dict lacks them. Reproduced with torch alone; FSDP2 has no flat parameters."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        for unit in FSDP.fsdp_modules(self.module):
+            handle = unit._handle
+            if handle is not None and not handle.uses_sharded_strategy and not handle.flat_param.requires_grad:
+                handle._use_sharded_views()
 
     # --- checkpoints -------------------------------------------------------------------------------------------
 
