@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=DeploySettings.seed)
     parser.add_argument("--device", default=DeploySettings.device)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--record", action="store_true",
+    view = parser.add_mutually_exclusive_group()
+    view.add_argument("--record", action="store_true",
                         help="record it as the run's evaluation at its saved step: per_mode_deploy.json and an eval "
                              "row in metrics.jsonl (what the trainer writes; for runs trained without one)")
-    parser.add_argument("--base", action="store_true",
+    view.add_argument("--base", action="store_true",
                         help="evaluate the base model instead (adapter disabled, same prompts and sampling); writes "
                              "{\"base\": block} to --out (default RUN_DIR/base_deploy.json)")
     args = parser.parse_args(argv)

@@ -24,6 +24,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def checkout_pythonpath() -> str:
+    """PYTHONPATH for a subprocess running a script of tests/: this checkout first. A script's sys.path starts at its
+    own folder (tests/), not the working directory, so without it `import verl_gq` finds whatever checkout is
+    installed editable in the environment (another git worktree, say) and the test would run that code."""
+    repo = Path(__file__).resolve().parent.parent
+    return os.pathsep.join([str(repo), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices run faster on one thread, and CI boxes are small; restored afterwards."""

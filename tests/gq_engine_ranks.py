@@ -5,7 +5,7 @@ TrainingWorker hands every rank (global_batch_size = the whole mini-batch; the e
 all-reduced batch_num_tokens), runs forward/backward and one optimizer step.
 
     python tests/gq_engine_ranks.py MODEL_DIR OUT_DIR OPTIONS_JSON    # one rank (a world of one)
-    launch({1: OUT_1, 2: OUT_2}, model_dir, options)                 # a 1-rank and a 2-rank world, from a test
+    launch({1: OUT_1, 2: OUT_2}, model_dir, options, pythonpath)     # a 1-rank and a 2-rank world, from a test
 
 Importing this module has no side effect (the rank processes set VERL_PLATFORM=cpu themselves), so a test can
 import `launch`; verl is imported inside the rank processes only.
@@ -39,7 +39,6 @@ from verl_gq.verl.engine_driver import (
 )
 
 SCRIPT = Path(__file__).resolve()
-REPO = SCRIPT.parent.parent
 
 
 def local_share(data, rank: int, world_size: int):
@@ -104,14 +103,8 @@ def state_after_step(engine) -> dict:
                               for k, v in engine.route2b.state_tensors().items()}}
 
 
-def python_path() -> str:
-    """PYTHONPATH for a rank process: this checkout first. A script's sys.path starts at its own folder (tests/), not
-    the working directory, so without it `import verl_gq` finds whatever checkout is installed editable in the
-    environment (another git worktree, say) and the test would run that code."""
-    return os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-
-
-def launch(worlds: dict[int, Path], model_dir, options: dict, timeout: float = 300) -> dict[int, list[dict]]:
+def launch(worlds: dict[int, Path], model_dir, options: dict, pythonpath: str,
+           timeout: float = 300) -> dict[int, list[dict]]:
     """Run this script as a world of W ranks (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, one thread each) for each
     {W: out_dir} of `worlds`, all worlds at once (a 1-rank world mostly leaves the second core idle), and return
     {W: every rank's result in rank order}. A rank that fails or outlives `timeout` fails the launch; every process
@@ -122,7 +115,7 @@ def launch(worlds: dict[int, Path], model_dir, options: dict, timeout: float = 3
         out_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "VERL_PLATFORM": "cpu",
-               "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path()}
+               "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
         for rank in range(world_size):
             log = open(out_dir / f"rank{rank}.log", "w")
             proc = subprocess.Popen(

@@ -2,8 +2,8 @@
 
 One subprocess (tests/gq_engine_harness.py) builds a fresh gq engine per arm from the same tiny base model and runs
 one mini-batch's forward/backward as TrainingWorker does; the tests compare the knobs' gradients across arms.
-Each arm set runs under FSDP2 (gq_fsdp2, on the tied-embedding tiny Qwen3) and FSDP1 (gq_fsdp with use_orig_params,
-on its untied twin: FSDP1 cannot run a frozen tied embedding), on a gloo CPU rank or, where there is one, a GPU.
+The arm set runs under FSDP2 (gq_fsdp2) and FSDP1 (gq_fsdp, use_orig_params) on the tied-embedding tiny Qwen3, on a
+gloo CPU rank or, where there is one, a GPU.
 """
 
 from __future__ import annotations
@@ -39,19 +39,14 @@ def _pair_file(path: Path) -> Path:
 GPU = torch.cuda.is_available()
 
 
-def _run_harness(model_dir: Path, out: Path, options: dict, check: bool = True) -> subprocess.CompletedProcess:
-    # this checkout first: the harness's sys.path starts at tests/, so `import verl_gq` would otherwise find whichever
-    # checkout is installed editable in the environment (e.g. another git worktree)
-    repo = str(HARNESS.resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])])}
+def _run_harness(model_dir: Path, out: Path, options: dict, pythonpath: str) -> None:
+    env = {**os.environ, "PYTHONPATH": pythonpath}
     env.pop("VERL_PLATFORM", None)
     if not GPU:
         env["VERL_PLATFORM"] = "cpu"
     run = subprocess.run([sys.executable, str(HARNESS), str(model_dir), str(out), json.dumps(options)],
                          timeout=600, env=env, capture_output=True, text=True)
-    if check:
-        assert run.returncode == 0, f"the engine harness failed:\n{run.stderr[-6000:]}"
-    return run
+    assert run.returncode == 0, f"the engine harness failed:\n{run.stderr[-6000:]}"
 
 
 def _arm_options(tmp: Path, strategy: str, checkpoint: bool) -> dict:
@@ -80,17 +75,17 @@ def _arm_options(tmp: Path, strategy: str, checkpoint: bool) -> dict:
     }
 
 
-def _run_arms(model_dir: Path, tmp: Path, strategy: str, checkpoint: bool = True) -> dict:
+def _run_arms(model_dir: Path, tmp: Path, strategy: str, pythonpath: str, checkpoint: bool = True) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     out = tmp / "result.json"
-    _run_harness(model_dir, out, _arm_options(tmp, strategy, checkpoint))
+    _run_harness(model_dir, out, _arm_options(tmp, strategy, checkpoint), pythonpath)
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
-def arms(tiny_model_dir: Path, tmp_path_factory) -> dict:
+def arms(tiny_model_dir: Path, tmp_path_factory, checkout_pythonpath: str) -> dict:
     """Every arm under FSDP2 on the tied-embedding tiny Qwen3."""
-    return _run_arms(tiny_model_dir, tmp_path_factory.mktemp("engine"), "gq_fsdp2")
+    return _run_arms(tiny_model_dir, tmp_path_factory.mktemp("engine"), "gq_fsdp2", checkout_pythonpath)
 
 
 # verl's FSDP1 save moves a CPU-resident model "to the GPU" as f"{device}:{id}", i.e. "cpu:cpu" on the CPU platform
@@ -99,9 +94,10 @@ FSDP1_CPU_CHECKPOINT = "verl's FSDP1 checkpoint path needs an accelerator (devic
 
 
 @pytest.fixture(scope="module")
-def fsdp1_and_fsdp2(tiny_model_dir: Path, tmp_path_factory, arms) -> dict:
+def fsdp1_and_fsdp2(tiny_model_dir: Path, tmp_path_factory, checkout_pythonpath: str, arms) -> dict:
     """Every arm under FSDP1 (gq_fsdp, use_orig_params) beside the FSDP2 arms, on the same tied-embedding model."""
-    fsdp1 = _run_arms(tiny_model_dir, tmp_path_factory.mktemp("engine_fsdp1"), "gq_fsdp", checkpoint=GPU)
+    fsdp1 = _run_arms(tiny_model_dir, tmp_path_factory.mktemp("engine_fsdp1"), "gq_fsdp", checkout_pythonpath,
+                      checkpoint=GPU)
     return {"gq_fsdp": fsdp1, "gq_fsdp2": arms}
 
 

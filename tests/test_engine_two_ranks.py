@@ -42,7 +42,7 @@ def _driver():
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir: Path, tmp_path_factory) -> dict:
+def runs(tiny_model_dir: Path, tmp_path_factory, checkout_pythonpath: str) -> dict:
     tmp = tmp_path_factory.mktemp("ranks")
     planted = str(tmp / "planted.jsonl")
     options = {
@@ -57,7 +57,7 @@ def runs(tiny_model_dir: Path, tmp_path_factory) -> dict:
         },
     }
     started = time.perf_counter()
-    worlds = _driver().launch({1: tmp / "one", 2: tmp / "two"}, tiny_model_dir, options)
+    worlds = _driver().launch({1: tmp / "one", 2: tmp / "two"}, tiny_model_dir, options, checkout_pythonpath)
     repo = DRIVER.resolve().parent.parent
     for w in (1, 2):
         for r in worlds[w]:

@@ -74,12 +74,11 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         module = super()._build_module()
         if self.engine_config.forward_only:
             return module  # a stand-alone reference model is the base model: no knobs
-        if self.engine_config.strategy == "fsdp":
-            if not self.engine_config.use_orig_params:
-                raise GQConfigError(
-                    "FSDP1 flat parameters cannot mix the frozen base with trainable knobs: set "
-                    "actor_rollout_ref.actor.fsdp_config.use_orig_params=true or use strategy gq_fsdp2"
-                )
+        if self.engine_config.strategy == "fsdp" and not self.engine_config.use_orig_params:
+            raise GQConfigError(
+                "FSDP1 flat parameters cannot mix the frozen base with trainable knobs: set "
+                "actor_rollout_ref.actor.fsdp_config.use_orig_params=true or use strategy gq_fsdp2"
+            )
         svd_device = get_device_id() if get_device_name() == "cuda" and torch.cuda.is_available() else None
         self.adapter = inject_quarantine_adapter(
             module,
