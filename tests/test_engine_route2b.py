@@ -19,6 +19,7 @@ import torch
 
 HARNESS = Path(__file__).with_name("gq_engine_harness.py")
 TOL = 1e-6  # float32 model: routed sums vs one autograd sum differ by rounding only
+RANDOM_V_FROUT = 0.3
 
 
 def _pair_file(path: Path) -> Path:
@@ -71,6 +72,10 @@ def _arm_options(tmp: Path, strategy: str, checkpoint: bool) -> dict:
             "vanilla_padded": {"gq": {"method": "vanilla", "rank": 8}, "remove_padding": False},
             "route2b_token_padded": {"gq": {**route2b, "granularity": "token"}, "remove_padding": False},
             "route2b_two_steps": {"gq": route2b, "state_dict_after_two_steps": True},
+            "random_v": {"gq": {**route2b, "direction_source": "haar", "band_mode": "frout_match",
+                                "frout_target": RANDOM_V_FROUT}},
+            "random_v_token": {"gq": {**route2b, "granularity": "token", "direction_source": "haar",
+                                      "band_mode": "frout_match", "frout_target": RANDOM_V_FROUT}},
         },
     }
 
@@ -117,7 +122,8 @@ def _kept_plus_quarantine(g: dict) -> list[float]:
 @pytest.mark.parametrize(
     "arm, baseline",
     [("route2b", "vanilla"), ("route2b_token", "vanilla"), ("route2b_checkpointing", "vanilla"),
-     ("route2b_planted", "vanilla_planted"), ("route2b_token_padded", "vanilla_padded")],
+     ("route2b_planted", "vanilla_planted"), ("route2b_token_padded", "vanilla_padded"), ("random_v", "vanilla"),
+     ("random_v_token", "vanilla")],
 )
 def test_kept_plus_quarantine_equals_vanilla_gradient_through_the_engine(arms, arm, baseline):
     diff = _max_diff(arms[arm]["grads"], arms[baseline]["grads"], _kept_plus_quarantine)
@@ -138,6 +144,16 @@ def test_planted_direction_routes_gradient_mass_into_the_quarantine(arms):
     assert metrics["gq/quarantine_grad_norm"] > 0
     for name, g in arms["vanilla_planted"]["grads"].items():
         assert g["quarantine"] is None, f"{name}: on the same batch, vanilla should route nothing"
+
+
+@pytest.mark.parametrize("arm, tolerance", [("random_v", 1e-6), ("random_v_token", 0.02)])
+def test_random_v_routes_its_frout_target_through_the_engine(arms, arm, tolerance):
+    """The control: a Haar direction whose live band routes frout_target of each micro-batch's mass; exactly per
+    rollout. Per token the token band is matched on the tokens, but each rollout's remainder (its prompt positions)
+    carries the rollout band, matched on whole-rollout masses, so the total is near the target, not on it."""
+    metrics = arms[arm]["metrics"]
+    assert metrics["gq/frout"] == pytest.approx(RANDOM_V_FROUT, abs=tolerance), metrics
+    assert metrics["gq/quarantine_grad_norm"] > 0 and metrics["gq/band_width"] > 0
 
 
 def test_routing_metrics_are_reported(arms):
@@ -178,7 +194,7 @@ def test_resumed_engine_restores_knobs_direction_band_and_step(arms):
 
 
 @pytest.mark.parametrize("arm", ["vanilla", "route2b", "route2b_token", "route2b_checkpointing", "route2b_planted",
-                                 "vanilla_planted", "vanilla_padded", "route2b_token_padded"])
+                                 "vanilla_planted", "vanilla_padded", "route2b_token_padded", "random_v"])
 def test_fsdp1_routes_as_fsdp2_does(fsdp1_and_fsdp2, arm):
     """gq_fsdp (FSDP1, use_orig_params) gives every arm the knob gradients and routing metrics of gq_fsdp2."""
     fsdp1, fsdp2 = fsdp1_and_fsdp2["gq_fsdp"][arm], fsdp1_and_fsdp2["gq_fsdp2"][arm]

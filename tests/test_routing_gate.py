@@ -210,8 +210,11 @@ def test_frout_matched_band_routes_the_target_fraction_of_gradient_mass(setup):
     scores = direction_scores({m: -g for m, g in per_example.items()}, random_direction)
     masses = torch.stack([g.pow(2).sum(1) for g in per_example.values()]).sum(0).sqrt()
     band = frout_matched_band(scores, masses, target=0.3, width=0.2)
+    # the gate places a live band from the rows it scores: the same band as from the scores and masses above
+    result = gate(per_example, random_direction, lambda s, m: frout_matched_band(s, m, target=0.3, width=0.2))
+    assert abs(result.band.lower - band.lower) < 1e-12 and abs(result.band.upper - band.upper) < 1e-12
     router = GradientRouter(adapter.module_names)
-    router.add(per_example, gate(per_example, random_direction, band))
+    router.add(result)
     frout = router.finish().metrics["frout"]
     assert abs(frout - 0.3) < 1e-9, f"frout_match should route exactly the target mass fraction (got {frout})"
 
@@ -239,9 +242,9 @@ def test_kept_plus_quarantine_equals_vanilla_gradient(setup, granularity):
         per_example, per_token, segments = stash(model, adapter, rollouts, advantages)
         rollout_gate = gate(per_example, direction, band)
         if granularity == "rollout":
-            router.add(per_example, rollout_gate)
+            router.add(rollout_gate)
         else:
-            router.add_tokens(per_example, per_token, segments.example_of_token, rollout_gate, gate(per_token, direction, band))
+            router.add_tokens(rollout_gate, gate(per_token, direction, band), segments.example_of_token)
     # A fake 2-rank reduction (the same sums twice) with grad_scale 1/2 must give the single-rank result.
     routed = router.finish(reduce=lambda flat: flat * 2, grad_scale=0.5)
     write_knob_grads(adapter, routed)
@@ -263,7 +266,7 @@ def test_degenerate_band_routes_nothing_and_is_reported(setup):
     assert band.degenerate and torch.equal(result.weights, torch.zeros(8, dtype=torch.float64))
     assert Band(float("nan"), 0.3).degenerate, "a NaN bound is degenerate, never NaN weights"
     router = GradientRouter(adapter.module_names)
-    router.add(per_example, result)
+    router.add(result)
     routed = router.finish()
     assert routed.metrics["band_degenerate_fraction"] == 1.0 and routed.metrics["frout"] == 0.0
     assert routed.metrics["quarantine_grad_norm"] == 0.0 and routed.metrics["keep_grad_norm"] > 0.0
@@ -275,9 +278,9 @@ def test_routing_reads_only_gradients_direction_and_band_never_labels(setup):
     model, adapter, direction = setup["model"], setup["adapter"], setup["direction"]
     band = calibrate_band(setup["grads"], setup["folds"]).band
     assert list(inspect.signature(gate).parameters) == ["policy_loss_grads", "direction", "band"]
-    assert list(inspect.signature(GradientRouter.add).parameters) == ["self", "per_example", "rollout_gate"]
+    assert list(inspect.signature(GradientRouter.add).parameters) == ["self", "rollout_gate"]
     assert list(inspect.signature(GradientRouter.add_tokens).parameters) == [
-        "self", "per_example", "per_token", "example_of_token", "rollout_gate", "token_gate"
+        "self", "rollout_gate", "token_gate", "example_of_token"
     ]
     assert list(inspect.signature(GradientRouter.finish).parameters) == ["self", "reduce", "grad_scale"]
 
@@ -294,7 +297,7 @@ def test_routing_reads_only_gradients_direction_and_band_never_labels(setup):
         per_example, _, _ = stash(model, adapter, rollouts, batch["advantages"])
         result = gate(per_example, direction, band)
         router = GradientRouter(adapter.module_names)
-        router.add(per_example, result)
+        router.add(result)
         return result.weights, router.finish()
 
     weights, routed = route(batch)
@@ -352,9 +355,13 @@ def test_bad_routing_inputs_fail_clearly(setup):
         assign_folds(["a", "b"], n_folds=3, seed=0)
     with pytest.raises(ValueError, match="non-empty 1-D sequence of ints"):
         pair_gradients(setup["model"], adapter, [Pair([1, 2], [], [3], "a")])
+    router = GradientRouter(list(reversed(adapter.module_names)))
+    with pytest.raises(ValueError, match="exactly the router's modules, in order"):
+        router.add(gate(grads.hack, direction, band))
     router = GradientRouter(adapter.module_names)
-    with pytest.raises(ValueError, match="one per gate weight"):
-        router.add(grads.hack, gate({m: g[:4] for m, g in grads.hack.items()}, direction, band))
+    hack_gate = gate(grads.hack, direction, band)
+    with pytest.raises(ValueError, match="example_of_token"):
+        router.add_tokens(hack_gate, hack_gate, torch.zeros(3, dtype=torch.long))
     with pytest.raises(RuntimeError, match="nothing to finish"):
         router.finish()
 

@@ -8,7 +8,7 @@ error), so no label can ride along in the gradient dict either.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping, Union
 
 import torch
 
@@ -16,30 +16,43 @@ from verl_gq.routing.band import Band
 from verl_gq.routing.direction import check_module_grads, flat_direction_scores, flatten_modules
 
 
+# A band placed from the batch itself (frout matching): (scores (n,), gradient masses (n,)) -> Band.
+LiveBand = Callable[[torch.Tensor, torch.Tensor], Band]
+
+
 @dataclass(frozen=True)
 class GateResult:
-    """weights (n,): routed fractions in [0, 1]; scores (n,): cos(u, v); band: the band used."""
+    """weights (n,): routed fractions in [0, 1]; scores (n,): cos(u, v); band: the band used. rows (n, sum_m r_m):
+    the gated gradients module-flattened, `modules` in the stash's order with `ranks` columns each: the router sums
+    these rows, so the stash is flattened once per micro-batch."""
 
     weights: torch.Tensor
     scores: torch.Tensor
     band: Band
+    rows: torch.Tensor
+    modules: tuple[str, ...]
+    ranks: tuple[int, ...]
 
 
 def gate(
-    policy_loss_grads: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor], band: Band
+    policy_loss_grads: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor], band: Union[Band, LiveBand]
 ) -> GateResult:
     """Route fractions for each row (a rollout, or a token) of `policy_loss_grads` {module: (n, r)}.
 
     The stashed rows are g_i = dL_i/dknob of the policy loss; the update direction the row would cause is
     u_i = -g_i (= A_i grad log pi(y_i) for a plain policy gradient). w_i = clip((cos(u_i, v) - lower) / width, 0, 1),
-    all zeros for a degenerate band. Non-finite gradients are an error (one host sync per call).
+    all zeros for a degenerate band. `band` is a fixed Band, or a LiveBand placed from these rows' scores and joint
+    gradient norms. Non-finite gradients are an error (one host sync per call).
     """
     check_module_grads(policy_loss_grads, direction)
-    names = list(direction)
+    names = list(policy_loss_grads)
     flat = flatten_modules(policy_loss_grads, names)
     if not bool(torch.isfinite(flat).all()):
         bad = [name for name in names if not bool(torch.isfinite(policy_loss_grads[name]).all())]
         raise ValueError(f"policy-loss gradients contain NaN/inf in {bad[:3]}: the loss should be finite")
     # cos(-g, v) = cos(g, -v): negate the (k, R) direction, not the (n, R) gradients (n = tokens, per token)
     scores = flat_direction_scores(flat, -flatten_modules(direction, names))
-    return GateResult(weights=band.weights(scores), scores=scores, band=band)
+    if not isinstance(band, Band):
+        band = band(scores, flat.double().pow(2).sum(1).sqrt())
+    return GateResult(weights=band.weights(scores), scores=scores, band=band, rows=flat, modules=tuple(names),
+                      ranks=tuple(policy_loss_grads[name].shape[1] for name in names))

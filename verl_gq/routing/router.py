@@ -12,12 +12,11 @@ all modules (0 when no gradient mass).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from verl_gq.adapter.model import QuarantineAdapter
-from verl_gq.routing.direction import flatten_modules
 from verl_gq.routing.gate import GateResult
 
 # all-reduce SUM of a flat tensor across data-parallel ranks; returns the reduced tensor.
@@ -55,32 +54,25 @@ class GradientRouter:
         self._token_scores: list[torch.Tensor] = []
         self._last_band = None
 
-    def add(self, per_example: Mapping[str, torch.Tensor], rollout_gate: GateResult) -> None:
-        """Rollout granularity: one micro-batch's {module: (n, r)} stash and its gate."""
-        self._check(per_example, rollout_gate.weights.shape[0], "per_example")
-        self._add_units(self._flatten(per_example), rollout_gate.weights)
-        self._count(per_example, rollout_gate)
+    def add(self, rollout_gate: GateResult) -> None:
+        """Rollout granularity: one micro-batch's gated rollouts."""
+        self._check(rollout_gate, "rollout")
+        self._add_units(rollout_gate.rows, rollout_gate.weights)
+        self._count(rollout_gate)
         self._scores.append(rollout_gate.scores.detach())
 
-    def add_tokens(
-        self,
-        per_example: Mapping[str, torch.Tensor],
-        per_token: Mapping[str, torch.Tensor],
-        example_of_token: torch.Tensor,
-        rollout_gate: GateResult,
-        token_gate: GateResult,
-    ) -> None:
-        """Token granularity: stashed tokens get their own w_t; the rest of each rollout gets the rollout's w_i."""
-        n = rollout_gate.weights.shape[0]
-        self._check(per_example, n, "per_example")
-        self._check(per_token, token_gate.weights.shape[0], "per_token")
+    def add_tokens(self, rollout_gate: GateResult, token_gate: GateResult, example_of_token: torch.Tensor) -> None:
+        """Token granularity: stashed tokens get their own w_t; the rest of each rollout gets the rollout's w_i.
+        example_of_token (tokens,): the rollout (row of rollout_gate) each token row belongs to."""
+        self._check(rollout_gate, "rollout")
+        self._check(token_gate, "token")
         if example_of_token.shape != token_gate.weights.shape:
             raise ValueError(f"example_of_token {tuple(example_of_token.shape)} should match the token gate's weights")
-        examples, tokens = self._flatten(per_example), self._flatten(per_token)
+        examples, tokens = rollout_gate.rows, token_gate.rows
         remainder = examples - torch.zeros_like(examples).index_add_(0, example_of_token.to(examples.device), tokens)
         self._add_units(remainder, rollout_gate.weights)
         self._add_units(tokens, token_gate.weights)
-        self._count(per_example, rollout_gate)
+        self._count(rollout_gate)
         self._scores.append(rollout_gate.scores.detach())
         self._token_scores.append(token_gate.scores.detach())
 
@@ -127,16 +119,10 @@ class GradientRouter:
         self._reset()
         return RoutedGradients(kept, quarantine, metrics)
 
-    def _check(self, grads: Mapping[str, torch.Tensor], n: int, what: str) -> None:
-        if list(grads) != self.module_names:
-            raise ValueError(f"{what} gradients must be keyed by exactly the router's modules, in order")
-        for name, g in grads.items():
-            if g.dim() != 2 or g.shape[0] != n:
-                raise ValueError(f"{what}[{name}] has shape {tuple(g.shape)}, should have {n} rows (one per gate weight)")
-
-    def _flatten(self, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        self._ranks = [grads[name].shape[1] for name in self.module_names]
-        return flatten_modules(grads, self.module_names)
+    def _check(self, result: GateResult, what: str) -> None:
+        if list(result.modules) != self.module_names:
+            raise ValueError(f"the {what} gate's gradients must be keyed by exactly the router's modules, in order")
+        self._ranks = list(result.ranks)
 
     def _add_units(self, grads: torch.Tensor, weights: torch.Tensor) -> None:
         """grads (units, sum_r) module-flattened, weights (units,)."""
@@ -151,8 +137,8 @@ class GradientRouter:
             self._quarantine = self._quarantine + quarantine
             self._mass = [self._mass[0] + routed, self._mass[1] + total]
 
-    def _count(self, per_example: Mapping[str, torch.Tensor], rollout_gate: GateResult) -> None:
-        self._n_examples += next(iter(per_example.values())).shape[0]
+    def _count(self, rollout_gate: GateResult) -> None:
+        self._n_examples += rollout_gate.rows.shape[0]
         self._n_gated += 1
         self._n_degenerate += int(rollout_gate.band.degenerate)
         self._last_band = rollout_gate.band

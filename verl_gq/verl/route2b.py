@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,12 +28,12 @@ from verl_gq.routing import (
     KnobGradientCapture,
     Pair,
     direction_from_state,
-    direction_scores,
     direction_state,
     frout_matched_band,
     gate,
 )
 from verl_gq.routing.band import fit_direction_and_band
+from verl_gq.routing.gate import LiveBand
 from verl_gq.verl.config import GQConfig
 
 logger = logging.getLogger(__name__)
@@ -153,26 +153,26 @@ class Route2bController:
         """Gate the micro-batch whose backward just filled `capture` and add it to the router."""
         if not self._stashed:
             return
-        per_example = capture.per_example_gradients()
-        rollout_gate = self._gate(per_example)
+        rollout_gate = gate(capture.per_example_gradients(), self.direction, self._band())
         if self.gq.granularity == "token":
-            per_token = capture.per_token_gradients()
-            token_gate = self._gate(per_token)
-            self.router.add_tokens(per_example, per_token, capture.segments.example_of_token, rollout_gate, token_gate)
+            token_gate = gate(capture.per_token_gradients(), self.direction, self._band())
+            self.router.add_tokens(rollout_gate, token_gate, capture.segments.example_of_token)
         else:
-            self.router.add(per_example, rollout_gate)
+            self.router.add(rollout_gate)
         self._stashed = False
 
-    def _gate(self, grads: dict[str, torch.Tensor]):
-        band = self.band
-        if self.gq.band_mode == "frout_match":
-            # the live band: placed so this batch routes frout_target of its gradient mass; width = the spread of
-            # the live scores (a random direction has no calibrated width to borrow)
-            scores = direction_scores({m: -g for m, g in grads.items()}, self.direction)
-            masses = torch.stack([g.double().pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+    def _band(self) -> Union[Band, LiveBand]:
+        if self.gq.band_mode != "frout_match":
+            return self.band
+        target = self.gq.frout_target
+
+        def live_band(scores: torch.Tensor, masses: torch.Tensor) -> Band:
+            # placed so this batch routes frout_target of its gradient mass; width = the spread of the live scores
+            # (a random direction has no calibrated width to borrow)
             width = float(scores.double().std()) if scores.numel() > 1 else 0.0
-            band = frout_matched_band(scores, masses, self.gq.frout_target, max(width, 1e-6))
-        return gate(grads, self.direction, band)
+            return frout_matched_band(scores, masses, target, max(width, 1e-6))
+
+        return live_band
 
     def end_mini_batch(self, capture: KnobGradientCapture, write_grad: Callable) -> dict[str, float]:
         """Route the last micro-batch, all-reduce, write the knobs' gradients; return `gq/` metrics."""
