@@ -9,9 +9,12 @@ switches the arm on it between steps, so every arm runs on the same weights, sha
   route2b         per-rollout stash -> gate -> route (the engine's route2b path, granularity rollout)
   route2b_token   per-token stash and gate (granularity token)
 Arms alternate step by step (one warm-up step each first); each timed step is zero_grad + forward/backward of the
-whole mini-batch + optimizer step, synchronised. It prints per arm the median step time, the spread (min-max over
-repeats), the ratio to vanilla's median, and the peak memory of the step with its ratio to vanilla's; then the
-direction refresh's cost per refresh and amortised over refresh = 5 optimizer steps, against a vanilla step.
+whole mini-batch + optimizer step, synchronised. It prints per arm the median step time, the ratio to vanilla's
+median, the paired ratio (each step against the vanilla step of the same repeat, median and min-max: drifts of the
+machine cancel), and the peak memory of the step with its ratio to vanilla's; then, from one more step per routing
+arm with events around route2b's own code (stash hooks, gate + route, reduce, knob-gradient writes, segments), the
+device time that code takes per step; then the direction refresh's cost per refresh and amortised over refresh = 5
+optimizer steps, against a vanilla step.
 The batch is random tokens of the stated lengths (the cost does not depend on their values); the pair set is the
 shipped one, tokenized by the benchmark model's small local tokenizer (longer token sequences than Qwen's).
 `--json PATH` also writes every measurement.
@@ -20,7 +23,9 @@ shipped one, tokenized by the benchmark model's small local tokenizer (longer to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -92,6 +97,72 @@ def timed_update(engine, data, loss_fn, device: str) -> tuple[float, float]:
     return elapsed, peak
 
 
+def route2b_regions() -> dict:
+    """route2b's own code in a step, by region: {name: (class, method)}."""
+    from verl_gq.routing.capture import KnobGradientCapture
+    from verl_gq.routing.router import GradientRouter
+    from verl_gq.verl.engine import GQFSDPEngineWithLMHead
+    from verl_gq.verl.route2b import Route2bController
+
+    return {
+        "stash": (KnobGradientCapture, "_record"),  # per module, inside the backward
+        "gate+route": (Route2bController, "route_stashed"),  # per micro-batch
+        "reduce": (GradientRouter, "finish"),  # per step: all-reduce, metrics (one host sync)
+        "write": (GQFSDPEngineWithLMHead, "_write_knob_grad"),  # per knob: the routed gradient onto its shards
+        "segments": (GQFSDPEngineWithLMHead, "_segments_of"),  # per micro-batch: index tensors to the device
+    }
+
+
+@contextlib.contextmanager
+def timed_regions(device: str):
+    """Times every call of route2b's regions while active: on a GPU by a pair of CUDA events around the call (the
+    stream runs in order, so the pair spans the kernels the call launched, plus any wait for the host inside it);
+    on a CPU by the wall clock. Yields {region: [(start, end), ...]}; `region_seconds` sums them after a sync."""
+    import inspect
+
+    import torch
+
+    calls = {name: [] for name in route2b_regions()}
+    saved = []
+
+    def mark():
+        if device == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def wrap(name, function):
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            start = mark()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                calls[name].append((start, mark()))
+        return timed
+
+    for name, (cls, method) in route2b_regions().items():
+        original = inspect.getattr_static(cls, method)
+        saved.append((cls, method, original))
+        is_static = isinstance(original, staticmethod)
+        timed = wrap(name, original.__func__ if is_static else original)
+        setattr(cls, method, staticmethod(timed) if is_static else timed)
+    try:
+        yield calls
+    finally:
+        for cls, method, original in saved:
+            setattr(cls, method, original)
+
+
+def region_seconds(calls: dict, device: str) -> dict:
+    """Seconds per region; nested calls (route_stashed inside end_mini_batch) are counted in their own region."""
+    synchronize(device)
+    if device == "cuda":
+        return {name: sum(start.elapsed_time(end) for start, end in pairs) / 1000 for name, pairs in calls.items()}
+    return {name: sum(end - start for start, end in pairs) for name, pairs in calls.items()}
+
+
 def bench_config(model_dir: str, pair_file: str, args, rank, checkpointing: bool, device: str) -> dict:
     import gc
 
@@ -122,6 +193,12 @@ def bench_config(model_dir: str, pair_file: str, args, rank, checkpointing: bool
             elapsed, peak = timed_update(engine, data, loss_fn, device)
             times[arm].append(elapsed)
             peaks[arm].append(peak)
+    regions = {}
+    for arm in ARMS[1:]:  # one more step per routing arm, its route2b code timed region by region
+        select_arm(engine, controller, base_gq, arm)
+        with timed_regions(device) as calls:
+            timed_update(engine, data, loss_fn, device)
+        regions[arm] = region_seconds(calls, device)
     refresh = []
     for _ in range(args.refresh_repeats):
         synchronize(device)
@@ -135,7 +212,7 @@ def bench_config(model_dir: str, pair_file: str, args, rank, checkpointing: bool
     if device == "cuda":
         torch.cuda.empty_cache()
     return {"rank": rank, "checkpointing": checkpointing, "micro_batch": micro_batch, "build_seconds": build_seconds,
-            "times": times, "peaks": peaks, "refresh": refresh}
+            "times": times, "peaks": peaks, "regions": regions, "refresh": refresh}
 
 
 def report(result: dict, refresh_every: int) -> None:
@@ -148,10 +225,18 @@ def report(result: dict, refresh_every: int) -> None:
         t = times[arm]
         ratio = statistics.median(t) / base_t
         spread = f"[{min(t) / base_t:.3f}, {max(t) / base_t:.3f}]"
+        paired = [x / v for x, v in zip(t, times["vanilla"])]
+        pairs = f"  paired x{statistics.median(paired):.3f} [{min(paired):.3f}, {max(paired):.3f}]"
         memory = ""
         if peaks[arm][0] == peaks[arm][0]:  # not nan: a GPU run
             memory = f"  peak {max(peaks[arm]):6.2f} GiB  x{max(peaks[arm]) / base_m:.3f}"
-        print(f"  {arm:14s} step {statistics.median(t):8.4f}s  x{ratio:.3f} vs vanilla  (min-max {spread}){memory}")
+        print(f"  {arm:14s} step {statistics.median(t):8.4f}s  x{ratio:.3f} vs vanilla  (min-max {spread})"
+              f"{'' if arm == 'vanilla' else pairs}{memory}")
+    for arm, seconds in result["regions"].items():
+        parts = "  ".join(f"{name} {value * 1000:.1f}" for name, value in seconds.items())
+        total = sum(seconds.values())
+        print(f"  {arm:14s} route2b code {total * 1000:.1f} ms a step = {total / base_t * 100:.2f}% of vanilla's step"
+              f"  (ms: {parts})")
     r = statistics.median(result["refresh"])
     print(f"  direction refresh {r:.3f}s = x{r / base_t:.3f} of a vanilla step; amortised at refresh={refresh_every}:"
           f" +{r / refresh_every / base_t * 100:.1f}% per step")

@@ -1,0 +1,28 @@
+"""scripts/bench_route2b.py runs end to end on the tiny CPU shape and measures what it says it does (not a timed
+test: no assertion on speed, only that every arm, region and refresh was measured)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_route2b.py"
+
+
+def test_cpu_benchmark_measures_every_arm_route2b_region_and_the_refresh(tmp_path, checkout_pythonpath):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": checkout_pythonpath, "VERL_PLATFORM": "cpu"}
+    run = subprocess.run([sys.executable, str(SCRIPT), "--shape", "tiny", "--repeats", "2", "--checkpointing", "on",
+                          "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "paired x" in run.stdout and "route2b code" in run.stdout and "direction refresh" in run.stdout, run.stdout
+    (result,) = json.loads(out.read_text())["results"]
+    assert set(result["times"]) == {"vanilla", "route2b", "route2b_token"}
+    assert all(len(t) == 2 and min(t) > 0 for t in result["times"].values())
+    assert set(result["regions"]) == {"route2b", "route2b_token"}, "the routing arms' code is timed, vanilla has none"
+    for arm, seconds in result["regions"].items():
+        assert all(seconds[name] > 0 for name in ("stash", "gate+route", "reduce", "write", "segments")), (arm, seconds)
+    assert len(result["refresh"]) == 1 and result["refresh"][0] > 0
