@@ -339,8 +339,15 @@ def test_bad_routing_inputs_fail_clearly(setup):
     name = next(iter(direction))
     nan = {m: g.clone() for m, g in grads.hack.items()}
     nan[name][0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN/inf"):
-        gate(nan, direction, band)
+    nan_gate = gate(nan, direction, band)  # flagged on the device, no host sync
+    assert not bool(nan_gate.finite) and bool(gate(grads.hack, direction, band).finite)
+    router = GradientRouter(adapter.module_names)
+    router.add(gate(grads.hack, direction, band))
+    router.add(nan_gate)
+    with pytest.raises(ValueError, match=r"NaN/inf \(1 of 2 gated micro-batches"):
+        router.finish()
+    router.add(gate(grads.hack, direction, band))
+    assert router.finish().metrics["n_examples"] == grads.n_pairs, "a refused step leaves nothing behind"
     with pytest.raises(ValueError, match="should be \\(n, "):
         gate({m: g[:, :-1] for m, g in grads.hack.items()}, direction, band)
     with pytest.raises(ValueError, match="rows, other modules have"):

@@ -24,7 +24,8 @@ LiveBand = Callable[[torch.Tensor, torch.Tensor], Band]
 class GateResult:
     """weights (n,): routed fractions in [0, 1]; scores (n,): cos(u, v); band: the band used. rows (n, sum_m r_m):
     the gated gradients module-flattened, `modules` in the stash's order with `ranks` columns each: the router sums
-    these rows, so the stash is flattened once per micro-batch."""
+    these rows, so the stash is flattened once per micro-batch. finite: a 0-dim bool tensor, whether every row is
+    finite (left on the device: the router checks it at the step's one host sync)."""
 
     weights: torch.Tensor
     scores: torch.Tensor
@@ -32,6 +33,7 @@ class GateResult:
     rows: torch.Tensor
     modules: tuple[str, ...]
     ranks: tuple[int, ...]
+    finite: torch.Tensor
 
 
 def gate(
@@ -42,17 +44,15 @@ def gate(
     The stashed rows are g_i = dL_i/dknob of the policy loss; the update direction the row would cause is
     u_i = -g_i (= A_i grad log pi(y_i) for a plain policy gradient). w_i = clip((cos(u_i, v) - lower) / width, 0, 1),
     all zeros for a degenerate band. `band` is a fixed Band, or a LiveBand placed from these rows' scores and joint
-    gradient norms. Non-finite gradients are an error (one host sync per call).
+    gradient norms. No host sync: non-finite gradients are flagged in `finite`, and GradientRouter.finish refuses
+    them before any knob gradient is written.
     """
     check_module_grads(policy_loss_grads, direction)
     names = list(policy_loss_grads)
     flat = flatten_modules(policy_loss_grads, names)
-    if not bool(torch.isfinite(flat).all()):
-        bad = [name for name in names if not bool(torch.isfinite(policy_loss_grads[name]).all())]
-        raise ValueError(f"policy-loss gradients contain NaN/inf in {bad[:3]}: the loss should be finite")
     # cos(-g, v) = cos(g, -v): negate the (k, R) direction, not the (n, R) gradients (n = tokens, per token)
     scores = flat_direction_scores(flat, -flatten_modules(direction, names))
     if not isinstance(band, Band):
         band = band(scores, flat.double().pow(2).sum(1).sqrt())
     return GateResult(weights=band.weights(scores), scores=scores, band=band, rows=flat, modules=tuple(names),
-                      ranks=tuple(policy_loss_grads[name].shape[1] for name in names))
+                      ranks=tuple(policy_loss_grads[name].shape[1] for name in names), finite=torch.isfinite(flat).all())

@@ -50,6 +50,7 @@ class GradientRouter:
         self._n_examples = 0
         self._n_gated = 0
         self._n_degenerate = 0
+        self._n_nonfinite: Optional[torch.Tensor] = None  # gate results with a NaN/inf row, counted on the device
         self._scores: list[torch.Tensor] = []
         self._token_scores: list[torch.Tensor] = []
         self._last_band = None
@@ -72,7 +73,7 @@ class GradientRouter:
         remainder = examples - torch.zeros_like(examples).index_add_(0, example_of_token.to(examples.device), tokens)
         self._add_units(remainder, rollout_gate.weights)
         self._add_units(tokens, token_gate.weights)
-        self._count(rollout_gate)
+        self._count(rollout_gate, token_gate)
         self._scores.append(rollout_gate.scores.detach())
         self._token_scores.append(token_gate.scores.detach())
 
@@ -89,6 +90,7 @@ class GradientRouter:
         counts = torch.tensor(
             [self._n_examples, self._n_gated, self._n_degenerate], dtype=reference.dtype, device=reference.device
         )
+        counts = torch.cat([counts, self._n_nonfinite.to(counts.dtype).reshape(1)])
         flat = torch.cat([self._kept, self._quarantine, torch.stack(self._mass).to(reference.dtype), counts])
         if reduce is not None:
             reduced = reduce(flat)
@@ -101,8 +103,12 @@ class GradientRouter:
         kept = dict(zip(self.module_names, kept_flat.split(ranks)))
         quarantine = dict(zip(self.module_names, quarantine_flat.split(ranks)))
         norms = torch.stack([kept_flat.double().norm(), quarantine_flat.double().norm()])
-        routed_mass, total_mass, n_examples, n_gated, n_degenerate, keep_norm, quarantine_norm = torch.cat(
+        routed_mass, total_mass, n_examples, n_gated, n_degenerate, n_nonfinite, keep_norm, quarantine_norm = torch.cat(
             [flat[2 * total_rank :].double(), norms]).tolist()  # one host sync for every scalar
+        if n_nonfinite:
+            self._reset()
+            raise ValueError(f"policy-loss gradients contain NaN/inf ({n_nonfinite:.0f} of {n_gated:.0f} gated "
+                             "micro-batches, over all ranks): the loss should be finite; no knob gradient was written")
         metrics = {
             "frout": routed_mass / total_mass if total_mass > 0 else 0.0,
             "n_examples": n_examples,
@@ -137,7 +143,9 @@ class GradientRouter:
             self._quarantine = self._quarantine + quarantine
             self._mass = [self._mass[0] + routed, self._mass[1] + total]
 
-    def _count(self, rollout_gate: GateResult) -> None:
+    def _count(self, rollout_gate: GateResult, *more: GateResult) -> None:
+        nonfinite = (~torch.stack([g.finite for g in (rollout_gate, *more)]).all()).long()  # this micro-batch: 0/1
+        self._n_nonfinite = nonfinite if self._n_nonfinite is None else self._n_nonfinite + nonfinite
         self._n_examples += rollout_gate.rows.shape[0]
         self._n_gated += 1
         self._n_degenerate += int(rollout_gate.band.degenerate)

@@ -13,6 +13,7 @@ Every rank extracts from all pairs with identical weights, so every rank holds t
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -170,6 +171,8 @@ class Route2bController:
             # placed so this batch routes frout_target of its gradient mass; width = the spread of the live scores
             # (a random direction has no calibrated width to borrow)
             width = float(scores.double().std()) if scores.numel() > 1 else 0.0
+            if not math.isfinite(width):
+                raise ValueError("policy-loss gradients contain NaN/inf (frout_match scores): the loss should be finite")
             return frout_matched_band(scores, masses, target, max(width, 1e-6))
 
         return live_band
