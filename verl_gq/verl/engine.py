@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from tensordict import TensorDict
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from verl.utils import tensordict_utils as tu
 from verl.utils.device import get_device_id, get_device_name
 from verl.utils.model import convert_weight_keys
@@ -240,15 +240,19 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
 
     @staticmethod
     def _write_knob_grad(parameter: torch.nn.Parameter, full_grad: torch.Tensor) -> None:
-        """Set a knob's gradient from the full (all-reduced, identical on every rank) routed gradient."""
-        full_grad = full_grad.to(dtype=parameter.dtype)
-        if isinstance(parameter, DTensor):
-            grad = distribute_tensor(
-                full_grad.to(parameter.device), parameter.device_mesh, parameter.placements, src_data_rank=None
-            )
+        """Add the full (all-reduced, identical on every rank) routed gradient to a knob's gradient. A sharded knob
+        takes this rank's part of it in place: one slice and one add per knob, no DTensor built or dispatched
+        (each costs ~0.1 ms on the host, and a step writes two per adapted module)."""
+        full_grad = full_grad.to(device=parameter.device, dtype=parameter.dtype)
+        if not isinstance(parameter, DTensor):
+            parameter.grad = full_grad if parameter.grad is None else parameter.grad + full_grad
+            return
+        local = _local_part(full_grad, parameter)
+        if parameter.grad is None:
+            parameter.grad = DTensor.from_local(local, parameter.device_mesh, parameter.placements, run_check=False,
+                                                shape=parameter.shape, stride=parameter.stride())
         else:
-            grad = full_grad.to(parameter.device)
-        parameter.grad = grad if parameter.grad is None else parameter.grad + grad
+            parameter.grad.to_local().add_(local)
 
     def _reshard_frozen_fsdp1_units(self) -> None:
         """Reshard the FSDP1 units that backward left unsharded, as torch's catch-all would have.
@@ -283,6 +287,24 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                 f"resuming a route2b run needs {state_path} (direction, band, step); the checkpoint lacks it"
             )
         super().load_checkpoint(local_path, hdfs_path, del_local_after_load, **kwargs)
+
+
+def _local_part(full: torch.Tensor, parameter: DTensor) -> torch.Tensor:
+    """This rank's part of a full tensor shaped like the DTensor `parameter`, cut as its placements cut it (Shard:
+    torch.chunk along the dim, as DTensor and FSDP2 split; Replicate: whole)."""
+    local = full
+    coordinate = parameter.device_mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(parameter.placements):
+        if placement.is_shard():
+            pieces = torch.chunk(local, parameter.device_mesh.size(mesh_dim), dim=placement.dim)
+            index = coordinate[mesh_dim]
+            local = pieces[index] if index < len(pieces) else local.narrow(placement.dim, 0, 0)
+        elif not placement.is_replicate():
+            raise TypeError(f"knob placement {placement} is neither Shard nor Replicate")
+    if local.shape != parameter.to_local().shape:
+        raise RuntimeError(f"this rank's part of the routed gradient has shape {tuple(local.shape)}, the knob's local "
+                           f"shard {tuple(parameter.to_local().shape)} (placements {parameter.placements})")
+    return local
 
 
 def register_engines() -> None:
