@@ -199,7 +199,7 @@ class KnobGradientCapture:
     def _record(self, name: str, segments: Segments, a: torch.Tensor, grad_h: torch.Tensor) -> None:
         rank = a.shape[-1]
         dtype = torch.promote_types(a.dtype, torch.float32)
-        per_position = a.reshape(-1, rank).to(dtype) * grad_h.reshape(-1, rank).to(dtype)
+        per_position = a.reshape(-1, rank).to(dtype) * grad_h.reshape(-1, rank)  # the mul promotes grad_h in-kernel
         # Row n_examples collects positions of no example and is dropped.
         sums = per_position.new_zeros(segments.n_examples + 1, rank)
         sums.index_add_(0, segments.example_of_position, per_position)

@@ -177,13 +177,16 @@ class Route2bController:
 
         return live_band
 
-    def end_mini_batch(self, capture: KnobGradientCapture, write_grad: Callable) -> dict[str, float]:
-        """Route the last micro-batch, all-reduce, write the knobs' gradients; return `gq/` metrics."""
+    def end_mini_batch(self, capture: KnobGradientCapture, write_grads: Callable) -> dict[str, float]:
+        """Route the last micro-batch, all-reduce, write the knobs' gradients (`write_grads(knobs, full_grads)`, all
+        of them in one call); return `gq/` metrics."""
         self.route_stashed(capture)
         routed = self.router.finish(reduce=self.all_reduce, grad_scale=1.0 / self.dp_size)
+        knobs, grads = [], []
         for name, layer in self.adapter.layers.items():
-            write_grad(layer.keep_knob, routed.kept[name])
-            write_grad(layer.quarantine_knob, routed.quarantine[name])
+            knobs += [layer.keep_knob, layer.quarantine_knob]
+            grads += [routed.kept[name], routed.quarantine[name]]
+        write_grads(knobs, grads)
         self.optimizer_steps += 1
         metrics = {**routed.metrics, **self._refresh_metrics, "optimizer_steps": float(self.optimizer_steps)}
         return {f"gq/{k}": float(v) for k, v in metrics.items()}
