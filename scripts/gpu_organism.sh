@@ -14,8 +14,9 @@
 # and metrics file. The organism is 15 MB in bf16, so a run's GPU memory is its activations and its processes'
 # CUDA contexts and the GPU holds several; the box's 16 cores (rollout servers, reward graders, Ray) are what they
 # share. On the H100: ~12 s a step alone, ~24 s each with four at once (after the engine's block log-probs; the
-# earlier 32-40 s was verl's per-token log-prob loop, not the sharing). Four runs of 18 steps without an in-run
-# evaluation (trainer.test_freq=-1) fit one call: the study's command is in
+# earlier 32-40 s was verl's per-token log-prob loop, not the sharing). Without an in-run evaluation
+# (trainer.test_freq=-1), two runs of 18 steps fit one call with room (467-517 s, start-up included); four fit only
+# at times (some were cut at step 17, and a cut run has no train.safetensors). The study's commands are in
 # docs/results/organism-h100-study-2026-11-24.md. Use a fresh OUT_DIR per call: a run refuses a non-empty metrics log.
 #
 # OUT_DIR/runs/<run>/      run artifacts (docs/outputs.md): metrics.jsonl, per_mode_deploy.json, train.safetensors
