@@ -1,8 +1,8 @@
 """The organism study's pieces on CPU, without training: the recipes compose (every arm, held-out modes, the CPU
 overlay) onto the shipped checkpoint and pair set; the organism's parquet rows are LeetCode-format rows that
 reward.verl_entry grades (a reference solves, an exploit hacks under its own mode and nothing without the hint);
-the organism pair set validates against the real grader. The short main_ppo run on the organism is in
-test_gq_main_ppo_e2e.py."""
+the organism pair set validates against the real grader; the committed H100 study's tables regenerate from its
+run folders. The short main_ppo run on the organism is in test_gq_main_ppo_e2e.py."""
 
 from __future__ import annotations
 
@@ -200,3 +200,28 @@ def test_organism_pair_set_validates_against_the_real_grader():
         assert len({p.style for p in pairs if p.mode == mode}) >= 3, f"{mode}: several exploit styles"
     failures = pair_failures(pairs, {pid: sp.problem for pid, sp in problems.items()})
     assert not failures, "\n".join(f"{pid}: {msgs}" for pid, msgs in failures.items())
+
+
+# ---- the committed H100 study ----
+
+STUDY = REPO / "docs" / "results" / "organism-h100-study"
+
+
+@pytest.mark.parametrize("baseline, folder", [("vanilla", "report"), ("random_v", "report_vs_random_v")])
+def test_committed_study_tables_regenerate_from_its_run_folders(tmp_path, baseline, folder):
+    """docs/results/organism-h100-study's tables are what scripts/report.py makes of the run folders beside them:
+    a reader rerunning the command gets the published numbers."""
+    import subprocess
+    import sys
+
+    out = tmp_path / folder
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), str(STUDY / "runs"), "--out", str(out),
+                          "--seeds", "41", "42", "43", "--baseline", baseline, "--strict"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for table in ("keynote.csv", "ablation.csv", "held_out_modes.csv"):
+        regenerated = pd.read_csv(out / table)
+        committed = pd.read_csv(STUDY / folder / table)
+        pd.testing.assert_frame_equal(regenerated, committed, check_exact=False, rtol=1e-12)
+    arms = set(pd.read_csv(out / "keynote.csv")["arm"])
+    assert arms == {"vanilla", "route2b", "random_v", "route2b_heldout"}, arms
