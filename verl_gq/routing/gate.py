@@ -53,6 +53,6 @@ def gate(
     # cos(-g, v) = cos(g, -v): negate the (k, R) direction, not the (n, R) gradients (n = tokens, per token)
     scores = flat_direction_scores(flat, -flatten_modules(direction, names))
     if not isinstance(band, Band):
-        band = band(scores, flat.double().pow(2).sum(1).sqrt())
+        band = band(scores, torch.linalg.vector_norm(flat, dim=1))  # the router's masses (GradientRouter._add_units)
     return GateResult(weights=band.weights(scores), scores=scores, band=band, rows=flat, modules=tuple(names),
                       ranks=tuple(policy_loss_grads[name].shape[1] for name in names), finite=torch.isfinite(flat).all())

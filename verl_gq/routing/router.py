@@ -134,7 +134,7 @@ class GradientRouter:
         """grads (units, sum_r) module-flattened, weights (units,)."""
         w = weights.to(grads.dtype)
         kept, quarantine = (1 - w) @ grads, w @ grads
-        mass = grads.pow(2).sum(1).sqrt()
+        mass = torch.linalg.vector_norm(grads, dim=1)  # no (units x sum_r) temporary: per token that is GBs at r=full
         routed, total = (w * mass).sum(), mass.sum()
         if self._kept is None:
             self._kept, self._quarantine, self._mass = kept, quarantine, [routed, total]
