@@ -11,10 +11,10 @@ switches the arm on it between steps, so every arm runs on the same weights, sha
 Arms alternate step by step (one warm-up step each first); each timed step is zero_grad + forward/backward of the
 whole mini-batch + optimizer step, synchronised. It prints per arm the median step time, the ratio to vanilla's
 median, the paired ratio (each step against the vanilla step of the same repeat, median and min-max: drifts of the
-machine cancel), and the peak memory of the step with its ratio to vanilla's; then, from one more step per routing
-arm with events around route2b's own code (stash hooks, gate + route, reduce, knob-gradient writes, segments), the
-device time that code takes per step; then the direction refresh's cost per refresh and amortised over refresh = 5
-optimizer steps, against a vanilla step.
+machine cancel), and the peak memory of the step with its ratio to vanilla's; then, from one more step per arm with
+events around the knob product (`apply`), route2b's per-micro-batch and per-step code (gate + route, reduce,
+knob-gradient writes, segments) and the optimizer, the time each takes per step; then the direction refresh's
+cost per refresh and amortised over refresh = 5 optimizer steps, against a vanilla step.
 The batch is random tokens of the stated lengths (the cost does not depend on their values); the pair set is the
 shipped one, tokenized by the benchmark model's small local tokenizer (longer token sequences than Qwen's).
 `--json PATH` also writes every measurement.
@@ -81,11 +81,15 @@ def synchronize(device: str) -> None:
 
 
 def timed_update(engine, data, loss_fn, device: str) -> tuple[float, float]:
-    """One actor update (seconds) and its peak memory (GiB; CPU: nan)."""
+    """One actor update (seconds) and its peak memory (GiB; CPU: nan). The garbage of the previous step is collected
+    before the clock starts, so no arm pays for another's."""
+    import gc
+
     import torch
 
     from verl_gq.verl.engine_driver import actor_update
 
+    gc.collect()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     synchronize(device)
@@ -97,30 +101,30 @@ def timed_update(engine, data, loss_fn, device: str) -> tuple[float, float]:
     return elapsed, peak
 
 
-def step_regions() -> dict:
-    """The parts of an actor step the arms may differ in: {name: (class, method)}. Every arm runs `apply` (the knob
-    product in each adapted module's forward) and `optimizer`; the rest is route2b's own code: `knob backward` is
-    its autograd function's backward (vanilla's is autograd's own, not timed), which includes `stash`."""
+def step_regions() -> list[tuple[str, type, str]]:
+    """The parts of an actor step the arms may differ in, as (region, class, method); a region may span several
+    methods. Every arm runs `apply` (the knob product in each adapted module's forward: plain for vanilla, the
+    per-row gather for route2b) and `optimizer`; the rest is route2b's own code. The stash itself is autograd's
+    backward of the gather, in C++ inside the model's backward: no region times it, the step ratios count it."""
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngine
 
-    from verl_gq.routing.capture import KnobGradientCapture, _StashedKnobProduct
+    from verl_gq.routing.capture import KnobGradientCapture
     from verl_gq.routing.router import GradientRouter
     from verl_gq.verl.engine import GQFSDPEngineWithLMHead
     from verl_gq.verl.route2b import Route2bController
 
-    return {
-        "apply": (KnobGradientCapture, "_apply"),  # per module, forward (and its recompute under checkpointing)
-        "knob backward": (_StashedKnobProduct, "backward"),  # per module: dL/da, the stash, zero knob grads
-        "stash": (KnobGradientCapture, "_record"),  # per module, inside `knob backward`
-        "gate+route": (Route2bController, "route_stashed"),  # per micro-batch
-        "reduce": (GradientRouter, "finish"),  # per step: all-reduce, metrics (one host sync)
-        "write": (GQFSDPEngineWithLMHead, "_write_knob_grads"),  # per step: the routed gradients onto the knobs
-        "segments": (GQFSDPEngineWithLMHead, "_segments_of"),  # per micro-batch: index tensors to the device
-        "optimizer": (FSDPEngine, "optimizer_step"),  # per step: clipping and AdamW over the knobs
-    }
+    return [
+        ("apply", KnobGradientCapture, "_apply_plain"),  # per module, forward (and its recompute under checkpointing)
+        ("apply", KnobGradientCapture, "_apply_stash"),
+        ("gate+route", Route2bController, "route_stashed"),  # per micro-batch: flatten the stash, gate, route
+        ("reduce", GradientRouter, "finish"),  # per step: all-reduce, metrics (one host sync)
+        ("write", GQFSDPEngineWithLMHead, "_write_knob_grads"),  # per step: the routed gradients onto the knobs
+        ("segments", GQFSDPEngineWithLMHead, "_segments_of"),  # per micro-batch: index tensors to the device
+        ("optimizer", FSDPEngine, "optimizer_step"),  # per step: clipping and AdamW over the knobs
+    ]
 
 
-ROUTE2B_ONLY = ("knob backward", "gate+route", "reduce", "write", "segments")  # `stash` is inside `knob backward`
+ROUTE2B_ONLY = ("gate+route", "reduce", "write", "segments")
 
 
 @contextlib.contextmanager
@@ -130,7 +134,7 @@ def timed_regions(device: str):
     inside it); on a CPU by the wall clock. Yields {region: [(start, end), ...]}; `region_seconds` sums them after a sync."""
     import torch
 
-    calls = {name: [] for name in step_regions()}
+    calls = {name: [] for name, _, _ in step_regions()}
     saved = []
 
     def mark():
@@ -150,7 +154,7 @@ def timed_regions(device: str):
                 calls[name].append((start, mark()))
         return timed
 
-    for name, (cls, method) in step_regions().items():
+    for name, cls, method in step_regions():
         original = cls.__dict__[method]  # each region is patched where it is defined
         saved.append((cls, method, original))
         is_static = isinstance(original, staticmethod)

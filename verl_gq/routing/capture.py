@@ -1,23 +1,52 @@
-"""Per-example (and per-token) knob gradients from the ordinary backward pass.
+"""Per-example (and per-token) knob gradients from the ordinary backward pass, computed by autograd itself.
 
 For a module with a_t = V_r^T x_t and b_t = dL/dh_t, the gradient of L with respect to the effective knob scale
 (keep + c * quar) is sum_t a_t * b_t. The per-position term g_t = a_t * b_t is what flows through position t, and
-an example's gradient is the sum of its positions' terms. A custom autograd Function on the knob product sees
-a_t (saved in forward) and b_t (its grad-output) in the backward only, so gradient checkpointing, which re-runs
-the forward, changes nothing. dL/dkeep = sum_t g_t and dL/dquar = c * dL/dkeep, so one stash serves both.
+an example's gradient is the sum of its positions' terms.
+
+In stash mode each module multiplies position t by a per-example copy of the scale,
+h_t = a_t * (scale + zero_row[row(t)]), where `zero_row` is an all-zero (rows x r) autograd leaf: the forward is
+unchanged, and autograd's own backward of the gather (an index_add) leaves sum_{t in row} a_t * b_t in
+`zero_row.grad`, one row per example, in C++ with no Python per module in the backward. A row is an example, or,
+per token, a stashed token position (its own row) and each example's other positions (the example's remainder row).
+Gradient checkpointing re-runs the forward against the same leaf, so nothing changes under it.
+dL/dkeep = sum_t g_t and dL/dquar = c * dL/dkeep, so one stash serves both knobs; autograd still writes those
+totals to the knobs' `.grad` (FSDP's post-backward hooks need a gradient), and the router replaces them.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from verl_gq.adapter.model import QuarantineAdapter
 
 CAPTURE_MODES = ("plain", "stash")
+
+
+@dataclass(frozen=True)
+class ModuleRows:
+    """Per-module gradient rows side by side: `rows` (n, sum_m r_m), module m's r_m columns in `modules` order.
+
+    The gate and the router work on this form, a few large kernels per micro-batch instead of a few per module."""
+
+    rows: torch.Tensor
+    modules: tuple[str, ...]
+    ranks: tuple[int, ...]
+
+    @classmethod
+    def of(cls, per_module: Mapping[str, torch.Tensor], names: Optional[Sequence[str]] = None) -> "ModuleRows":
+        """{module: (n, r_m)} -> side by side, in `names` order (default: the mapping's)."""
+        names = tuple(per_module if names is None else names)
+        tensors = [per_module[name] for name in names]
+        return cls(torch.cat(tensors, dim=1), names, tuple(t.shape[1] for t in tensors))
+
+    def per_module(self) -> dict[str, torch.Tensor]:
+        """{module: (n, r_m)} column views."""
+        return dict(zip(self.modules, self.rows.split(self.ranks, dim=1)))
 
 
 @dataclass(frozen=True)
@@ -29,15 +58,36 @@ class Segments:
     n_examples: number of examples (rollouts) in the micro-batch.
     token_positions: (n_tokens,) long flat positions whose per-token gradients are stashed (e.g. response tokens),
         or None for no per-token stash. Each must belong to an example.
+    row_of_position: (n_positions,) the stash row each position's gradient lands in: token j of token_positions in
+        row j, any other position of example i in row n_tokens + i, a position of no example in the last row
+        (dropped). Derived from the above when not given.
     """
 
     example_of_position: torch.Tensor
     n_examples: int
     token_positions: Optional[torch.Tensor] = None
+    row_of_position: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.row_of_position is None:
+            rows = self.example_of_position
+            if self.token_positions is not None:
+                rows = rows + self.token_positions.shape[0]
+                rows = rows.index_put((self.token_positions,), torch.arange(self.n_tokens, device=rows.device))
+            object.__setattr__(self, "row_of_position", rows)
 
     @property
     def n_positions(self) -> int:
         return self.example_of_position.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return 0 if self.token_positions is None else self.token_positions.shape[0]
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of each module's stash: stashed tokens, examples (their remainders, per token), and the no-example row."""
+        return self.n_tokens + self.n_examples + 1
 
     @property
     def example_of_token(self) -> torch.Tensor:
@@ -49,7 +99,8 @@ class Segments:
     def to(self, device: torch.device) -> "Segments":
         """The same segments on `device` (built where the batch's offsets live, used where the activations are)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Segments(move(self.example_of_position), self.n_examples, move(self.token_positions))
+        return Segments(move(self.example_of_position), self.n_examples, move(self.token_positions),
+                        move(self.row_of_position))
 
     @classmethod
     def padded(
@@ -106,15 +157,17 @@ class Segments:
         return cls(example_of_position, n_examples, token_positions)
 
 
+
 class KnobGradientCapture:
     """Installs itself on every layer of an adapter for the duration of a `with` block.
 
     mode "plain": the vanilla path. Ordinary autograd; the keep knob's `.grad` receives the whole gradient and the
         quarantine knob none (its value still acts in the forward). Nothing is stashed.
-    mode "stash": no knob `.grad` is written. After each backward, `per_example[module]` holds the (n_examples, r)
-        gradients dL/dkeep of each example, and with `Segments.token_positions` set, `per_token[module]` the
-        (n_tokens, r) per-position terms. Stashes are float32 at least and accumulate over repeated backwards
-        until the next `set_segments`.
+    mode "stash": after each backward, `example_rows()` holds the (n_examples, sum r) gradients dL/dkeep of each
+        example, and with `Segments.token_positions` set, `token_rows()` the (n_tokens, sum r) per-position terms.
+        Stashes are float32 at least and accumulate over repeated backwards until the next `set_segments`. The
+        knobs' `.grad` receive autograd's own totals (keep: dL/dkeep, quarantine: c dL/dkeep), for the caller to
+        replace.
 
     Call `set_segments` before each micro-batch's forward; the segments active at a module's forward are the ones
     its backward uses (so a recomputed forward under checkpointing sees the same ones).
@@ -126,27 +179,22 @@ class KnobGradientCapture:
         self.adapter = adapter
         self.mode = mode
         self.segments: Optional[Segments] = None
-        self.per_example: dict[str, torch.Tensor] = {}
-        self.per_token: dict[str, torch.Tensor] = {}
-        # the keep-knob tensors the forward actually multiplied by. Under FSDP2 these are the unsharded parameters,
-        # distinct autograd leaves from the sharded ones, so a backward meant to reach the knob products must ask
-        # for gradients with respect to these (see direction.completion_log_prob_gradients).
-        self.knob_inputs: dict[int, torch.Tensor] = {}
+        self._stash_dtype = torch.promote_types(adapter.knob_parameters()[0].dtype, torch.float32)
+        self._zero_rows: dict[str, torch.Tensor] = {}  # module -> its (n_rows, r) all-zero leaf this micro-batch
         self._installed = False
 
     def set_segments(self, segments: Segments) -> None:
         """Segments of the next micro-batch; clears the stashes."""
         self.segments = segments
-        self.per_example = {}
-        self.per_token = {}
-        self.knob_inputs = {}
+        self._zero_rows = {}
 
     def __enter__(self) -> "KnobGradientCapture":
         busy = [name for name, layer in self.adapter.layers.items() if layer.knob_application is not None]
         if busy:
             raise RuntimeError(f"another knob application is installed on {busy[:3]}; one capture at a time")
+        apply = self._apply_plain if self.mode == "plain" else self._apply_stash
         for name, layer in self.adapter.layers.items():
-            layer.knob_application = functools.partial(self._apply, name)
+            layer.knob_application = functools.partial(apply, name)
         self._installed = True
         return self
 
@@ -155,30 +203,56 @@ class KnobGradientCapture:
             layer.knob_application = None
         self._installed = False
 
+    def stashed_rows(self) -> tuple[ModuleRows, Optional[ModuleRows]]:
+        """(per-example rows (n_examples, sum r), per-token rows (n_tokens, sum r) or None) of the last micro-batch,
+        checked complete, modules in adapter order. An example's row is the sum of its positions' terms, stashed
+        tokens included."""
+        stash = self._complete()
+        segments = self.segments
+        n_tokens, n_examples = segments.n_tokens, segments.n_examples
+        if segments.token_positions is None:
+            return ModuleRows.of({name: grad[:n_examples] for name, grad in stash.items()}), None
+        tokens = ModuleRows.of({name: grad[:n_tokens] for name, grad in stash.items()})
+        examples = ModuleRows.of({name: grad[n_tokens : n_tokens + n_examples] for name, grad in stash.items()})
+        examples.rows.index_add_(0, segments.example_of_token, tokens.rows)  # remainders + their tokens
+        return examples, tokens
+
     def per_example_gradients(self) -> dict[str, torch.Tensor]:
-        """The stash of the last micro-batch, checked complete: {module: (n_examples, r)} in adapter order."""
-        return self._complete(self.per_example, "per_example")
+        """{module: (n_examples, r)} of the last micro-batch, in adapter order."""
+        return self.stashed_rows()[0].per_module()
 
     def per_token_gradients(self) -> dict[str, torch.Tensor]:
         """{module: (n_tokens, r)} per-position gradients of the stashed tokens, in adapter order."""
         if self.segments is None or self.segments.token_positions is None:
             raise RuntimeError("no per-token stash: give Segments a token_mask")
-        return self._complete(self.per_token, "per_token")
+        return self.stashed_rows()[1].per_module()
 
-    def _complete(self, stash: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    def _complete(self) -> dict[str, torch.Tensor]:
         if self.mode != "stash":
             raise RuntimeError(f"capture mode {self.mode!r} stashes nothing; use mode='stash'")
-        missing = [name for name in self.adapter.layers if name not in stash]
+        stash = {name: self._zero_rows[name].grad for name in self.adapter.layers if name in self._zero_rows}
+        missing = [name for name in self.adapter.layers if stash.get(name) is None]
         if missing:
             raise RuntimeError(
-                f"{what} stash lacks {len(missing)} modules (e.g. {missing[:3]}): run forward and backward of the "
+                f"the stash lacks {len(missing)} modules (e.g. {missing[:3]}): run forward and backward of the "
                 "micro-batch inside this capture after set_segments"
             )
-        return {name: stash[name] for name in self.adapter.layers}
+        return stash
 
-    def _apply(self, name: str, a: torch.Tensor, keep: torch.Tensor, quar: torch.Tensor, coefficient: float) -> torch.Tensor:
-        if self.mode == "plain":
-            return a * (keep + coefficient * quar.detach()).to(a.dtype)
+    def _apply_plain(self, name: str, a: torch.Tensor, keep: torch.Tensor, quar: torch.Tensor,
+                     coefficient: float) -> torch.Tensor:
+        return a * (keep + coefficient * quar.detach()).to(a.dtype)
+
+    def _apply_stash(self, name: str, a: torch.Tensor, keep: torch.Tensor, quar: torch.Tensor,
+                     coefficient: float) -> torch.Tensor:
+        zero_rows = self._zero_rows.get(name)
+        if zero_rows is None:  # first forward of this module in this micro-batch (a recompute finds it)
+            zero_rows = self._zero_rows[name] = self._new_zero_rows(name, a)
+        # (n_rows, r) in the stash dtype; gathered per position, then in the activations' dtype like vanilla's scale
+        scale_rows = torch.add(keep, quar, alpha=coefficient) + zero_rows
+        return a * scale_rows.index_select(0, self.segments.row_of_position).to(a.dtype).view(a.shape)
+
+    def _new_zero_rows(self, name: str, a: torch.Tensor) -> torch.Tensor:
         segments = self.segments
         if segments is None:
             raise RuntimeError("stash capture needs set_segments(...) before the forward")
@@ -193,48 +267,11 @@ class KnobGradientCapture:
                 f"{name}: the input has {positions} positions (shape {tuple(a.shape[:-1])}) but the segments "
                 f"describe {segments.n_positions}; set_segments must describe this micro-batch"
             )
-        self.knob_inputs[id(keep)] = keep
-        return _StashedKnobProduct.apply(a, keep, quar, coefficient, functools.partial(self._record, name, segments))
-
-    def _record(self, name: str, segments: Segments, a: torch.Tensor, grad_h: torch.Tensor) -> None:
-        rank = a.shape[-1]
-        dtype = torch.promote_types(a.dtype, torch.float32)
-        per_position = a.reshape(-1, rank).to(dtype) * grad_h.reshape(-1, rank)  # the mul promotes grad_h in-kernel
-        # Row n_examples collects positions of no example and is dropped.
-        sums = per_position.new_zeros(segments.n_examples + 1, rank)
-        sums.index_add_(0, segments.example_of_position, per_position)
-        _accumulate(self.per_example, name, sums[: segments.n_examples])
-        if segments.token_positions is not None:
-            _accumulate(self.per_token, name, per_position.index_select(0, segments.token_positions))
-
-
-class _StashedKnobProduct(torch.autograd.Function):
-    """h = a * (keep + c * quar); backward passes dL/da on and hands (a, dL/dh) to `record` instead of writing
-    knob gradients. The knobs get zeros rather than None: FSDP1 (use_orig_params) runs its post-backward hook only
-    for a flat parameter that receives a gradient, and without it the parameters stay in their forward state."""
-
-    @staticmethod
-    def forward(ctx, a, keep, quar, coefficient, record):
-        scale = (keep + coefficient * quar).to(a.dtype)
-        ctx.save_for_backward(a, scale)
-        ctx.record = record
-        ctx.knob_like = [(k.shape, k.dtype, k.device) for k in (keep, quar)]  # not the tensors: FSDP frees them
-        return a * scale
-
-    @staticmethod
-    def backward(ctx, grad_h):
-        a, scale = ctx.saved_tensors
-        ctx.record(a, grad_h)
-        zero_keep, zero_quar = (torch.zeros(shape, dtype=dtype, device=device) if needed else None
-                                for (shape, dtype, device), needed in zip(ctx.knob_like, ctx.needs_input_grad[1:3]))
-        return grad_h * scale, zero_keep, zero_quar, None, None
-
-
-def _accumulate(stash: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    stash[name] = value if name not in stash else stash[name] + value
+        # an expanded scalar: no memory, and autograd allocates the gradient (the stash) at its full size
+        zero = torch.zeros((), device=a.device, dtype=self._stash_dtype)
+        return zero.expand(segments.n_rows, a.shape[-1]).requires_grad_()
 
 
 def _check_mask(what: str, mask: torch.Tensor, shape: tuple[int, ...]) -> None:
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{what} has shape {tuple(mask.shape)}, should be {tuple(shape)}")
-

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from verl_gq.adapter.model import QuarantineAdapter
-from verl_gq.routing.capture import KnobGradientCapture, Segments
+from verl_gq.routing.capture import KnobGradientCapture, ModuleRows, Segments
 
 Direction = dict[str, torch.Tensor]
 TokenIds = Union[Sequence[int], torch.Tensor]
@@ -68,8 +68,9 @@ def completion_log_prob_gradients(
     knob scale, from one stash-mode backward per micro-batch.
 
     `model` is called Hugging Face style, `model(input_ids=, attention_mask=, use_cache=False, logits_to_keep=)`, on
-    right-padded batches, and must return logits (or an object with `.logits`). No `.grad` of any parameter is
-    written. The model's train/eval mode is left as is: dropout must be off for a reproducible direction (Qwen has
+    right-padded batches, and must return logits (or an object with `.logits`). As after any backward, the knobs'
+    `.grad` accumulate the summed gradient (the capture's stash mode leaves autograd's totals there); the training
+    step replaces them with its routed gradients. The model's train/eval mode is left as is: dropout must be off for a reproducible direction (Qwen has
     none).
 
     Memory: sequences go into micro-batches in prompt-length order (a completion's rows stay near its pair's other
@@ -104,7 +105,7 @@ def completion_log_prob_gradients(
             logits = logits[:, -(length - first) : -1][scored_rows.to(device), scored_columns.to(device)]
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             total_log_prob = -F.cross_entropy(logits, targets, reduction="sum")
-            # the stash is the output; the knobs' .grad receive zeros (capture.py). A full backward, not
+            # the stash is the output. A full backward, not
             # autograd.grad: FSDP1 (use_orig_params) restores its parameters only in its post-backward hooks
             total_log_prob.backward()
             chunks.append(capture.per_example_gradients())
@@ -212,13 +213,7 @@ def direction_scores(grads: Mapping[str, torch.Tensor], direction: Mapping[str, 
     """
     check_module_grads(grads, direction)
     names = list(direction)
-    return flat_direction_scores(flatten_modules(grads, names), flatten_modules(direction, names))
-
-
-def flatten_modules(per_module: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
-    """{module: (n, r_m)} -> (n, sum_m r_m), modules in `names` order: one kernel for all modules, so the per
-    micro-batch work of the gate and the router is a few large operations instead of a few per module."""
-    return torch.cat([per_module[name] for name in names], dim=1)
+    return flat_direction_scores(ModuleRows.of(grads, names).rows, ModuleRows.of(direction, names).rows)
 
 
 def flat_direction_scores(grads: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -227,7 +222,8 @@ def flat_direction_scores(grads: torch.Tensor, direction: torch.Tensor) -> torch
     grads = grads.to(dtype)
     direction = direction.to(device=grads.device, dtype=dtype)
     dots = grads @ direction.T
-    denominator = (grads.pow(2).sum(1)[:, None] * direction.pow(2).sum(1)[None, :]).sqrt()
+    # vector_norm: no (n x R) temporary of squares (per token at r = full that is GBs)
+    denominator = torch.linalg.vector_norm(grads, dim=1)[:, None] * torch.linalg.vector_norm(direction, dim=1)[None, :]
     cosines = torch.where(denominator > 0, dots / denominator.clamp_min(torch.finfo(dtype).tiny), 0.0)
     return cosines.max(dim=1).values
 

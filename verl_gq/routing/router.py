@@ -58,7 +58,7 @@ class GradientRouter:
     def add(self, rollout_gate: GateResult) -> None:
         """Rollout granularity: one micro-batch's gated rollouts."""
         self._check(rollout_gate, "rollout")
-        self._add_units(rollout_gate.rows, rollout_gate.weights)
+        self._add_units(rollout_gate.grads.rows, rollout_gate.weights)
         self._count(rollout_gate)
         self._scores.append(rollout_gate.scores.detach())
 
@@ -69,7 +69,7 @@ class GradientRouter:
         self._check(token_gate, "token")
         if example_of_token.shape != token_gate.weights.shape:
             raise ValueError(f"example_of_token {tuple(example_of_token.shape)} should match the token gate's weights")
-        examples, tokens = rollout_gate.rows, token_gate.rows
+        examples, tokens = rollout_gate.grads.rows, token_gate.grads.rows
         remainder = examples - torch.zeros_like(examples).index_add_(0, example_of_token.to(examples.device), tokens)
         self._add_units(remainder, rollout_gate.weights)
         self._add_units(tokens, token_gate.weights)
@@ -126,9 +126,9 @@ class GradientRouter:
         return RoutedGradients(kept, quarantine, metrics)
 
     def _check(self, result: GateResult, what: str) -> None:
-        if list(result.modules) != self.module_names:
+        if list(result.grads.modules) != self.module_names:
             raise ValueError(f"the {what} gate's gradients must be keyed by exactly the router's modules, in order")
-        self._ranks = list(result.ranks)
+        self._ranks = list(result.grads.ranks)
 
     def _add_units(self, grads: torch.Tensor, weights: torch.Tensor) -> None:
         """grads (units, sum_r) module-flattened, weights (units,)."""
@@ -146,7 +146,7 @@ class GradientRouter:
     def _count(self, rollout_gate: GateResult, *more: GateResult) -> None:
         nonfinite = (~torch.stack([g.finite for g in (rollout_gate, *more)]).all()).long()  # this micro-batch: 0/1
         self._n_nonfinite = nonfinite if self._n_nonfinite is None else self._n_nonfinite + nonfinite
-        self._n_examples += rollout_gate.rows.shape[0]
+        self._n_examples += rollout_gate.grads.rows.shape[0]
         self._n_gated += 1
         self._n_degenerate += int(rollout_gate.band.degenerate)
         self._last_band = rollout_gate.band
@@ -154,17 +154,16 @@ class GradientRouter:
 
 @torch.no_grad()
 def write_knob_grads(adapter: QuarantineAdapter, routed: RoutedGradients) -> None:
-    """Default writer for plain (non-DTensor) knobs: add the routed gradients to keep_knob.grad and
-    quarantine_knob.grad (autograd's accumulate semantics). Under FSDP2 the knobs are DTensors and the engine must
-    place the full tensors itself (e.g. distribute_tensor with the knob's mesh and placements)."""
+    """Default writer for plain (non-DTensor) knobs: the routed gradients become keep_knob.grad and
+    quarantine_knob.grad, replacing what the stash's backward left there (autograd's own unrouted totals). Under
+    FSDP2 the knobs are DTensors and the engine must place the full tensors on their shards itself."""
     for name, layer in adapter.layers.items():
         for parameter, grad in ((layer.keep_knob, routed.kept[name]), (layer.quarantine_knob, routed.quarantine[name])):
             if hasattr(parameter, "device_mesh"):
                 raise TypeError(f"{name}: knob is a DTensor; the engine must place routed gradients on its shards")
             if grad.shape != parameter.shape:
                 raise ValueError(f"{name}: routed gradient {tuple(grad.shape)} does not fit knob {tuple(parameter.shape)}")
-            grad = grad.to(device=parameter.device, dtype=parameter.dtype)
-            parameter.grad = grad.clone() if parameter.grad is None else parameter.grad + grad
+            parameter.grad = grad.to(device=parameter.device, dtype=parameter.dtype, copy=True)
 
 
 def _score_stats(prefix: str, scores: list[torch.Tensor]) -> dict[str, float]:

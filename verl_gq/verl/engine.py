@@ -6,10 +6,11 @@ verl picks a training engine by `actor.strategy` (EngineRegistry); this one is r
 - `_build_module`: injects the SVD quarantine adapter before sharding (bases and knobs are ordinary module
   parameters, so FSDP shards them and verl's rank-0 broadcast fills them on the other ranks); only knobs train.
 - `forward_backward_batch` (route2b): per micro-batch, forward and backward with the knob gradients STASHED per
-  rollout (or per token) instead of written to `.grad`; gate each example by its cosine with the hack direction;
+  rollout (or per token) beside autograd's own; gate each example by its cosine with the hack direction;
   accumulate kept = sum (1-w) g and quarantine = sum w g; after the last micro-batch all-reduce both over the
-  data-parallel group and write them as the knobs' gradients. The gate reads gradients, the direction and the band
-  only: nothing of the batch's rewards, labels or extra fields reaches it (tests/test_engine_route2b.py).
+  data-parallel group and make them the knobs' gradients, replacing autograd's unrouted ones. The gate reads
+  gradients, the direction and the band only: nothing of the batch's rewards, labels or extra fields reaches it
+  (tests/test_engine_route2b.py).
 - `get_per_tensor_param`: streams merged weights W + U diag(keep + c quar) V^T with c = 1 (as trained) or 0
   (deployed), switched by `set_quarantine`; the rollout engine receives ordinary HF-named weights.
 - `prepare_model_outputs`: verl's own, with log-probs computed in row blocks where verl would loop over tokens
@@ -241,14 +242,15 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
     @staticmethod
     @torch.no_grad()
     def _write_knob_grads(knobs: list[torch.nn.Parameter], full_grads: list[torch.Tensor]) -> None:
-        """Add the full (all-reduced, identical on every rank) routed gradients to the knobs' gradients. A sharded
-        knob takes this rank's part in place, and all the adds run as one batched kernel: a DTensor op per knob costs
-        ~0.1 ms of host time, and a step writes two knobs per adapted module."""
+        """Make the full (all-reduced, identical on every rank) routed gradients the knobs' gradients, replacing the
+        unrouted totals the stash's backward left there. A sharded knob takes this rank's part in place, and all
+        the copies run as one batched kernel: a DTensor op per knob costs ~0.1 ms of host time, and a step writes
+        two knobs per adapted module."""
         targets, sources = [], []
         for knob, full in zip(knobs, full_grads):
             full = full.to(device=knob.device, dtype=knob.dtype)
             if not isinstance(knob, DTensor):
-                knob.grad = full if knob.grad is None else knob.grad + full
+                knob.grad = full.clone()
                 continue
             local = _local_part(full, knob)
             if knob.grad is None:
@@ -258,7 +260,7 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                 targets.append(knob.grad.to_local())
                 sources.append(local)
         if targets:
-            torch._foreach_add_(targets, sources)
+            torch._foreach_copy_(targets, sources)
 
     def _reshard_frozen_fsdp1_units(self) -> None:
         """Reshard the FSDP1 units that backward left unsharded, as torch's catch-all would have.

@@ -154,9 +154,10 @@ class Route2bController:
         """Gate the micro-batch whose backward just filled `capture` and add it to the router."""
         if not self._stashed:
             return
-        rollout_gate = gate(capture.per_example_gradients(), self.direction, self._band())
+        example_rows, token_rows = capture.stashed_rows()
+        rollout_gate = gate(example_rows, self.direction, self._band())
         if self.gq.granularity == "token":
-            token_gate = gate(capture.per_token_gradients(), self.direction, self._band())
+            token_gate = gate(token_rows, self.direction, self._band())
             self.router.add_tokens(rollout_gate, token_gate, capture.segments.example_of_token)
         else:
             self.router.add(rollout_gate)
