@@ -128,6 +128,24 @@ ROUTE2B_ONLY = ("gate+route", "reduce", "write", "segments")
 
 
 @contextlib.contextmanager
+def patched_regions(wrap):
+    """Replaces every region's method (step_regions) by `wrap(region, function)` while active."""
+    saved = []
+    for name, cls, method in step_regions():
+        original = cls.__dict__[method]  # each region is patched where it is defined
+        saved.append((cls, method, original))
+        is_static = isinstance(original, staticmethod)
+        wrapped = functools.wraps(original.__func__ if is_static else original)(
+            wrap(name, original.__func__ if is_static else original))
+        setattr(cls, method, staticmethod(wrapped) if is_static else wrapped)
+    try:
+        yield
+    finally:
+        for cls, method, original in saved:
+            setattr(cls, method, original)
+
+
+@contextlib.contextmanager
 def timed_regions(device: str):
     """Times every call of the step's regions (step_regions) while active: on a GPU by a pair of CUDA events around
     the call (the stream runs in order, so the pair spans the kernels the call launched, plus any wait for the host
@@ -135,7 +153,6 @@ def timed_regions(device: str):
     import torch
 
     calls = {name: [] for name, _, _ in step_regions()}
-    saved = []
 
     def mark():
         if device == "cuda":
@@ -145,7 +162,6 @@ def timed_regions(device: str):
         return time.perf_counter()
 
     def wrap(name, function):
-        @functools.wraps(function)
         def timed(*args, **kwargs):
             start = mark()
             try:
@@ -154,17 +170,38 @@ def timed_regions(device: str):
                 calls[name].append((start, mark()))
         return timed
 
-    for name, cls, method in step_regions():
-        original = cls.__dict__[method]  # each region is patched where it is defined
-        saved.append((cls, method, original))
-        is_static = isinstance(original, staticmethod)
-        timed = wrap(name, original.__func__ if is_static else original)
-        setattr(cls, method, staticmethod(timed) if is_static else timed)
-    try:
+    with patched_regions(wrap):
         yield calls
-    finally:
-        for cls, method, original in saved:
-            setattr(cls, method, original)
+
+
+def profiled_step(engine, data, loss_fn, device: str, out_path: str) -> dict:
+    """One actor update under torch.profiler, each region inside a `record_function("region:<name>")`. Writes the op
+    tables (by device time and by host time) to `out_path` and returns the step's device-busy time (the sum of its
+    kernels), its host time in ATen ops, and each region's host time, in seconds: a step whose wall time exceeds its
+    device-busy time by much is waiting for the host."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def wrap(name, function):
+        def recorded(*args, **kwargs):
+            with record_function(f"region:{name}"):
+                return function(*args, **kwargs)
+        return recorded
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with patched_regions(wrap), profile(activities=activities) as prof:
+        wall, _ = timed_update(engine, data, loss_fn, device)
+    averages = prof.key_averages()
+    with open(out_path, "w") as fh:
+        for key in ("self_device_time_total", "self_cpu_time_total"):
+            fh.write(f"sorted by {key}\n{averages.table(sort_by=key, row_limit=40, max_name_column_width=60)}\n")
+    return {
+        "wall": wall,
+        "device_busy": sum(e.self_device_time_total for e in averages) / 1e6,
+        "aten_host": sum(e.self_cpu_time_total for e in averages if e.key.startswith("aten::")) / 1e6,
+        "ops": sum(e.count for e in averages if e.key.startswith("aten::")),
+        "regions_host": {e.key.split(":", 1)[1]: e.cpu_time_total / 1e6 for e in averages
+                         if e.key.startswith("region:")},
+    }
 
 
 def region_seconds(calls: dict, device: str) -> dict:
@@ -211,6 +248,11 @@ def bench_config(model_dir: str, pair_file: str, args, rank, checkpointing: bool
         with timed_regions(device) as calls:
             timed_update(engine, data, loss_fn, device)
         regions[arm] = region_seconds(calls, device)
+    profiles = {}
+    for arm in ARMS if args.profile else ():
+        select_arm(engine, controller, base_gq, arm)
+        tag = f"r{rank}_ckpt{'on' if checkpointing else 'off'}_{arm}"
+        profiles[arm] = profiled_step(engine, data, loss_fn, device, os.path.join(args.profile, f"{tag}.txt"))
     refresh = []
     for _ in range(args.refresh_repeats):
         synchronize(device)
@@ -224,7 +266,7 @@ def bench_config(model_dir: str, pair_file: str, args, rank, checkpointing: bool
     if device == "cuda":
         torch.cuda.empty_cache()
     return {"rank": rank, "checkpointing": checkpointing, "micro_batch": micro_batch, "build_seconds": build_seconds,
-            "times": times, "peaks": peaks, "regions": regions, "refresh": refresh}
+            "times": times, "peaks": peaks, "regions": regions, "profiles": profiles, "refresh": refresh}
 
 
 def report(result: dict, refresh_every: int) -> None:
@@ -253,6 +295,12 @@ def report(result: dict, refresh_every: int) -> None:
             shared = sum(seconds[name] - vanilla_regions[name] for name in ("apply", "optimizer"))
             print(f"  {'':14s} route2b's own code {own * 1000:.1f} ms = {own / base_t * 100:.2f}% of vanilla's step; "
                   f"apply + optimizer {shared * 1000:+.1f} ms against vanilla's")
+    for arm, p in result["profiles"].items():
+        regions = "  ".join(f"{name} {value * 1000:.1f}" for name, value in p["regions_host"].items())
+        print(f"  {arm:14s} profiled: wall {p['wall']:.3f}s, device busy {p['device_busy']:.3f}s, host in {p['ops']} "
+              f"ATen ops {p['aten_host']:.3f}s; region host ms: {regions}")
+    if not result["refresh"]:
+        return
     r = statistics.median(result["refresh"])
     print(f"  direction refresh {r:.3f}s = x{r / base_t:.3f} of a vanilla step; amortised at refresh={refresh_every}:"
           f" +{r / refresh_every / base_t * 100:.1f}% per step")
@@ -269,11 +317,13 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, help="micro-batch with checkpointing (default 4)")
     parser.add_argument("--micro-batch-no-ckpt", type=int, help="micro-batch without checkpointing (GPU 1, CPU 4)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--refresh-repeats", type=int, help="default 2 GPU, 1 CPU")
+    parser.add_argument("--refresh-repeats", type=int, help="default 2 GPU, 1 CPU; 0 skips the refresh")
     parser.add_argument("--pairs-per-mode", type=int, help="shipped pairs per mode for the direction (default: all "
                         "18 on GPU, 2 on CPU)")
     parser.add_argument("--refresh-every", type=int, default=5)
     parser.add_argument("--json", help="write every measurement here")
+    parser.add_argument("--profile", metavar="DIR", help="also run one step per arm under torch.profiler and write "
+                        "its op tables to DIR")
     args = parser.parse_args()
 
     import torch
@@ -288,11 +338,13 @@ def main() -> None:
     args.response = args.response or (1536 if big else 24)
     args.micro_batch = args.micro_batch or 4
     args.pairs_per_mode = args.pairs_per_mode or (18 if big else 2)
-    args.refresh_repeats = args.refresh_repeats or (2 if big else 1)
+    args.refresh_repeats = (2 if big else 1) if args.refresh_repeats is None else args.refresh_repeats
     args.micro_batch_no_ckpt = args.micro_batch_no_ckpt or (1 if big else 4)
 
     from verl_gq.verl.engine_driver import init_process_group
 
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
     init_process_group()
     ranks = [r if r == "full" else int(r) for r in args.ranks.split(",")]
     ckpts = [c == "on" for c in args.checkpointing.split(",")]

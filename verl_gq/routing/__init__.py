@@ -11,7 +11,7 @@ from verl_gq.routing.band import (
     fit_direction_and_band,
     frout_matched_band,
 )
-from verl_gq.routing.capture import CAPTURE_MODES, KnobGradientCapture, Segments
+from verl_gq.routing.capture import CAPTURE_MODES, KnobGradientCapture, ModuleRows, Segments
 from verl_gq.routing.direction import (
     Direction,
     Pair,
@@ -35,6 +35,7 @@ __all__ = [
     "GateResult",
     "GradientRouter",
     "KnobGradientCapture",
+    "ModuleRows",
     "Pair",
     "PairGradients",
     "RoutedGradients",
