@@ -315,7 +315,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, help="prompt tokens (default 1536 GPU, 24 CPU)")
     parser.add_argument("--response", type=int, help="response tokens (default 1536 GPU, 24 CPU)")
     parser.add_argument("--micro-batch", type=int, help="micro-batch with checkpointing (default 4)")
-    parser.add_argument("--micro-batch-no-ckpt", type=int, help="micro-batch without checkpointing (GPU 1, CPU 4)")
+    parser.add_argument("--micro-batch-no-ckpt", type=int, help="micro-batch without checkpointing (default 4; 1 makes "
+                        "the step host-bound: 16 micro-batches of one sequence)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--refresh-repeats", type=int, help="default 2 GPU, 1 CPU; 0 skips the refresh")
     parser.add_argument("--pairs-per-mode", type=int, help="shipped pairs per mode for the direction (default: all "
@@ -339,7 +340,7 @@ def main() -> None:
     args.micro_batch = args.micro_batch or 4
     args.pairs_per_mode = args.pairs_per_mode or (18 if big else 2)
     args.refresh_repeats = (2 if big else 1) if args.refresh_repeats is None else args.refresh_repeats
-    args.micro_batch_no_ckpt = args.micro_batch_no_ckpt or (1 if big else 4)
+    args.micro_batch_no_ckpt = args.micro_batch_no_ckpt or 4
 
     from verl_gq.verl.engine_driver import init_process_group
 

@@ -181,6 +181,7 @@ class KnobGradientCapture:
         self.segments: Optional[Segments] = None
         self._stash_dtype = torch.promote_types(adapter.knob_parameters()[0].dtype, torch.float32)
         self._zero_rows: dict[str, torch.Tensor] = {}  # module -> its (n_rows, r) all-zero leaf this micro-batch
+        self._zero: Optional[torch.Tensor] = None  # the scalar those leaves expand (one per capture)
         self._installed = False
 
     def set_segments(self, segments: Segments) -> None:
@@ -210,12 +211,15 @@ class KnobGradientCapture:
         stash = self._complete()
         segments = self.segments
         n_tokens, n_examples = segments.n_tokens, segments.n_examples
+        names = tuple(stash)
+        ranks = tuple(grad.shape[1] for grad in stash.values())
+        flat = torch.cat(list(stash.values()), dim=1)  # (n_rows, sum r): one copy, then views
         if segments.token_positions is None:
-            return ModuleRows.of({name: grad[:n_examples] for name, grad in stash.items()}), None
-        tokens = ModuleRows.of({name: grad[:n_tokens] for name, grad in stash.items()})
-        examples = ModuleRows.of({name: grad[n_tokens : n_tokens + n_examples] for name, grad in stash.items()})
-        examples.rows.index_add_(0, segments.example_of_token, tokens.rows)  # remainders + their tokens
-        return examples, tokens
+            return ModuleRows(flat[:n_examples], names, ranks), None
+        tokens = flat[:n_tokens]
+        # each example's remainder row plus its tokens (out of place: the token rows stay as they are)
+        examples = flat[n_tokens : n_tokens + n_examples].index_add(0, segments.example_of_token, tokens)
+        return ModuleRows(examples, names, ranks), ModuleRows(tokens, names, ranks)
 
     def per_example_gradients(self) -> dict[str, torch.Tensor]:
         """{module: (n_examples, r)} of the last micro-batch, in adapter order."""
@@ -268,8 +272,9 @@ class KnobGradientCapture:
                 f"describe {segments.n_positions}; set_segments must describe this micro-batch"
             )
         # an expanded scalar: no memory, and autograd allocates the gradient (the stash) at its full size
-        zero = torch.zeros((), device=a.device, dtype=self._stash_dtype)
-        return zero.expand(segments.n_rows, a.shape[-1]).requires_grad_()
+        if self._zero is None or self._zero.device != a.device:
+            self._zero = torch.zeros((), device=a.device, dtype=self._stash_dtype)
+        return self._zero.expand(segments.n_rows, a.shape[-1]).requires_grad_()
 
 
 def _check_mask(what: str, mask: torch.Tensor, shape: tuple[int, ...]) -> None:
