@@ -224,7 +224,8 @@ def bench_config(model_dir: str, pair_file: str, args, rank, checkpointing: bool
           "max_pair_tokens": 16384}
     started = time.perf_counter()
     engine = build_engine(model_dir, gq, remove_padding=False, checkpointing=checkpointing, micro_batch=micro_batch,
-                          precision="bf16" if device == "cuda" else "fp32", lr=1e-6)
+                          precision="bf16" if device == "cuda" else "fp32", lr=1e-6,
+                          optimizer_overrides={"fused": True} if args.fused_adamw else None)
     build_seconds = time.perf_counter() - started
     controller, base_gq = engine.route2b, engine.gq
     vocab = engine.model_config.hf_config.vocab_size
@@ -322,6 +323,8 @@ def main() -> None:
     parser.add_argument("--pairs-per-mode", type=int, help="shipped pairs per mode for the direction (default: all "
                         "18 on GPU, 2 on CPU)")
     parser.add_argument("--refresh-every", type=int, default=5)
+    parser.add_argument("--fused-adamw", action="store_true", help="every arm's AdamW fused (verl: actor.optim."
+                        "override_optimizer_config={fused: true}) instead of torch's default foreach")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--profile", metavar="DIR", help="also run one step per arm under torch.profiler and write "
                         "its op tables to DIR")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -38,10 +39,12 @@ def init_process_group() -> None:
 
 
 def build_engine(model_dir: str, gq: dict, *, remove_padding: bool, checkpointing: bool, micro_batch: int,
-                 precision: str = "fp32", lr: float = 1e-2, strategy: str = "gq_fsdp2"):
+                 precision: str = "fp32", lr: float = 1e-2, strategy: str = "gq_fsdp2",
+                 optimizer_overrides: Optional[dict] = None):
     """A gq engine over `model_dir`, configured as the recipes' actor is: `strategy` gq_fsdp2 (FSDP2) or gq_fsdp
     (FSDP1 with use_orig_params; verl wraps it with sync_module_states, which needs a GPU); `precision` fp32 or
-    bf16 (verl's mixed precision: bf16 compute, fp32 parameters and reductions)."""
+    bf16 (verl's mixed precision: bf16 compute, fp32 parameters and reductions); `optimizer_overrides` as verl's
+    `actor.optim.override_optimizer_config` (keyword arguments of the torch optimizer, e.g. {"fused": True})."""
     import verl_gq.verl.plugin  # noqa: F401  (registers the cpu platform and the gq engine)
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPOptimizerConfig, HFModelConfig
@@ -73,7 +76,8 @@ def build_engine(model_dir: str, gq: dict, *, remove_padding: bool, checkpointin
     engine_config.use_remove_padding = remove_padding
     engine_config.use_dynamic_bsz = False
     engine_config.micro_batch_size_per_gpu = micro_batch
-    optimizer_config = FSDPOptimizerConfig(lr=lr, total_training_steps=10, clip_grad=1e9)
+    optimizer_config = FSDPOptimizerConfig(lr=lr, total_training_steps=10, clip_grad=1e9,
+                                           override_optimizer_config=optimizer_overrides)
     engine = EngineRegistry.new(
         model_type="language_model",
         backend=strategy,
