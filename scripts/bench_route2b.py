@@ -179,6 +179,7 @@ def profiled_step(engine, data, loss_fn, device: str, out_path: str) -> dict:
     tables (by device time and by host time) to `out_path` and returns the step's device-busy time (the sum of its
     kernels), its host time in ATen ops, and each region's host time, in seconds: a step whose wall time exceeds its
     device-busy time by much is waiting for the host."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
     def wrap(name, function):
@@ -194,12 +195,15 @@ def profiled_step(engine, data, loss_fn, device: str, out_path: str) -> dict:
     with open(out_path, "w") as fh:
         for key in ("self_device_time_total", "self_cpu_time_total"):
             fh.write(f"sorted by {key}\n{averages.table(sort_by=key, row_limit=40, max_name_column_width=60)}\n")
+    host_events = [e for e in averages if e.device_type == DeviceType.CPU]
     return {
         "wall": wall,
-        "device_busy": sum(e.self_device_time_total for e in averages) / 1e6,
-        "aten_host": sum(e.self_cpu_time_total for e in averages if e.key.startswith("aten::")) / 1e6,
-        "ops": sum(e.count for e in averages if e.key.startswith("aten::")),
-        "regions_host": {e.key.split(":", 1)[1]: e.cpu_time_total / 1e6 for e in averages
+        # kernels only, as the table's "Self CUDA time total" (annotations span kernels, they are not work)
+        "device_busy": sum(e.self_device_time_total for e in averages
+                           if e.device_type != DeviceType.CPU and not e.is_user_annotation) / 1e6,
+        "aten_host": sum(e.self_cpu_time_total for e in host_events if e.key.startswith("aten::")) / 1e6,
+        "ops": sum(e.count for e in host_events if e.key.startswith("aten::")),
+        "regions_host": {e.key.split(":", 1)[1]: e.cpu_time_total / 1e6 for e in host_events
                          if e.key.startswith("region:")},
     }
 

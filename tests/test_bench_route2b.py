@@ -1,5 +1,5 @@
 """scripts/bench_route2b.py runs end to end on the tiny CPU shape and measures what it says it does (not a timed
-test: no assertion on speed, only that every arm, region and refresh was measured)."""
+test: no assertion on speed, only that every arm, region, profile and refresh was measured)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def test_cpu_benchmark_measures_every_arm_route2b_region_and_the_refresh(tmp_pat
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": checkout_pythonpath, "VERL_PLATFORM": "cpu"}
     run = subprocess.run([sys.executable, str(SCRIPT), "--shape", "tiny", "--repeats", "2", "--checkpointing", "on",
-                          "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+                          "--json", str(out), "--profile", str(tmp_path / "profile")],
+                         env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "paired x" in run.stdout and "route2b's own code" in run.stdout and "direction refresh" in run.stdout
     (result,) = json.loads(out.read_text())["results"]
@@ -30,3 +31,8 @@ def test_cpu_benchmark_measures_every_arm_route2b_region_and_the_refresh(tmp_pat
     for arm in ("route2b", "route2b_token"):
         assert all(regions[arm][name] > 0 for name in own), (arm, regions[arm])
     assert len(result["refresh"]) == 1 and result["refresh"][0] > 0
+    for arm in ("vanilla", "route2b", "route2b_token"):  # one step per arm under torch.profiler
+        profile = result["profiles"][arm]
+        assert profile["ops"] > 0 and profile["regions_host"]["apply"] > 0, (arm, profile)
+        assert "sorted by self_cpu_time_total" in (tmp_path / "profile" / f"r8_ckpton_{arm}.txt").read_text()
+    assert "gate+route" in result["profiles"]["route2b"]["regions_host"]
