@@ -2,6 +2,8 @@
 on tiny Qwen2 and Qwen3, for verl-like padded batches and packed (cu_seqlens) batches, with and without gradient
 checkpointing."""
 
+from collections import Counter
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -225,3 +227,40 @@ def test_capture_rejects_bad_use_clearly():
         Segments.packed(torch.tensor([0, 5, 12]), 10)
     with pytest.raises(ValueError, match="belong to no example"):
         Segments.packed(torch.tensor([0, 5]), 8, token_mask=torch.ones(8, dtype=torch.bool))
+
+
+def test_stash_saves_at_most_one_gathered_scale_per_module_in_the_activations_dtype():
+    """The stash's memory beyond vanilla's: per module, autograd keeps the gathered per-position scale (positions x r,
+    in the activations' dtype: bf16 here) instead of plain mode's (r,) scale, plus one shared row index. At r = 64
+    that is 64 x 2 bytes per position and module; a float32 copy, or anything saved per token beyond it, fails."""
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, head_dim=8)).to(torch.bfloat16)
+    adapter = inject_quarantine_adapter(model, QuarantineAdapterConfig(rank=RANK))
+    inputs, _, segments = padded_batch()
+    parameters = {p.data_ptr() for p in model.parameters()}
+
+    def saved_for_backward(mode):
+        saved = {}
+
+        def pack(tensor):
+            if tensor.data_ptr() not in parameters:
+                saved[tensor.untyped_storage().data_ptr()] = (tuple(tensor.shape), tensor.dtype)
+            return tensor
+
+        capture = KnobGradientCapture(adapter, mode=mode)
+        with capture, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            capture.set_segments(segments)
+            loss = model(**inputs).logits.float().sum()  # kept alive: no storage is freed and reused meanwhile
+        del loss
+        return list(saved.values())
+
+    plain, stash = saved_for_backward("plain"), saved_for_backward("stash")
+    only_stash = list((Counter(stash) - Counter(plain)).elements())
+    gathered = [entry for entry in only_stash if entry != ((segments.n_positions,), torch.int64)]
+    assert len(only_stash) - len(gathered) <= 1, f"stash mode should save one row index, saved {only_stash}"
+    assert gathered and all(entry == ((*inputs["input_ids"].shape, RANK), torch.bfloat16) for entry in gathered), (
+        f"stash mode should save only (batch, seq, r) bf16 gathered scales beyond plain mode's tensors: {gathered}"
+    )
+    assert len(gathered) <= len(adapter.layers), f"at most one gathered scale per module ({len(gathered)})"
