@@ -23,7 +23,7 @@ ADVANTAGES = torch.tensor([1.0, -0.5, 2.0, -1.5], dtype=torch.float64)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_adapted_model(family: str, checkpointing: bool):
+def tiny_adapted_model(family: str, checkpointing: bool, dtype: torch.dtype = torch.float64):
     torch.manual_seed(0)
     common = dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -33,7 +33,7 @@ def tiny_adapted_model(family: str, checkpointing: bool):
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
         model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common))
-    model = model.to(torch.float64)
+    model = model.to(dtype)
     adapter = inject_quarantine_adapter(model, QuarantineAdapterConfig(rank=RANK))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -233,11 +233,7 @@ def test_stash_saves_at_most_one_gathered_scale_per_module_in_the_activations_dt
     """The stash's memory beyond vanilla's: per module, autograd keeps the gathered per-position scale (positions x r,
     in the activations' dtype: bf16 here) instead of plain mode's (r,) scale, plus one shared row index. At r = 64
     that is 64 x 2 bytes per position and module; a float32 copy, or anything saved per token beyond it, fails."""
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, head_dim=8)).to(torch.bfloat16)
-    adapter = inject_quarantine_adapter(model, QuarantineAdapterConfig(rank=RANK))
+    model, adapter = tiny_adapted_model("qwen3", checkpointing=False, dtype=torch.bfloat16)
     inputs, _, segments = padded_batch()
     parameters = {p.data_ptr() for p in model.parameters()}
 
