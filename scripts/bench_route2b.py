@@ -189,15 +189,19 @@ def profiled_step(engine, data, loss_fn, device: str, out_path: str) -> dict:
         return recorded
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with patched_regions(wrap), profile(activities=activities) as prof:
+    with patched_regions(wrap), profile(activities=activities) as prof, counted_syncs(device) as syncs:
         wall, _ = timed_update(engine, data, loss_fn, device)
     averages = prof.key_averages()
     with open(out_path, "w") as fh:
         for key in ("self_device_time_total", "self_cpu_time_total"):
             fh.write(f"sorted by {key}\n{averages.table(sort_by=key, row_limit=40, max_name_column_width=60)}\n")
+        if syncs is not None:
+            fh.write("host-device syncs by caller\n" + "".join(f"{n:6d}  {where}\n" for where, n in
+                                                                  sorted(syncs.items(), key=lambda kv: -kv[1])))
     host_events = [e for e in averages if e.device_type == DeviceType.CPU]
     return {
         "wall": wall,
+        "syncs": None if syncs is None else sum(syncs.values()),
         # kernels only, as the table's "Self CUDA time total" (annotations span kernels, they are not work)
         "device_busy": sum(e.self_device_time_total for e in averages
                            if e.device_type != DeviceType.CPU and not e.is_user_annotation) / 1e6,
@@ -206,6 +210,33 @@ def profiled_step(engine, data, loss_fn, device: str, out_path: str) -> dict:
         "regions_host": {e.key.split(":", 1)[1]: e.cpu_time_total / 1e6 for e in host_events
                          if e.key.startswith("region:")},
     }
+
+
+@contextlib.contextmanager
+def counted_syncs(device: str):
+    """On a GPU, counts the host-device syncs made while active by their Python caller ({"file:line": n}): torch's
+    sync debug mode warns at each synchronizing call (.item(), a blocking copy, nonzero, ...). The timed steps run
+    without it. On a CPU there is nothing to count: yields None."""
+    import warnings
+
+    import torch
+
+    if device != "cuda":
+        yield None
+        return
+    syncs: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield syncs
+        finally:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchronizing" in str(w.message):
+            where = f"{os.path.relpath(w.filename)}:{w.lineno}"
+            syncs[where] = syncs.get(where, 0) + 1
 
 
 def region_seconds(calls: dict, device: str) -> dict:
@@ -302,8 +333,9 @@ def report(result: dict, refresh_every: int) -> None:
                   f"apply + optimizer {shared * 1000:+.1f} ms against vanilla's")
     for arm, p in result["profiles"].items():
         regions = "  ".join(f"{name} {value * 1000:.1f}" for name, value in p["regions_host"].items())
+        syncs = "" if p["syncs"] is None else f", {p['syncs']} host-device syncs"
         print(f"  {arm:14s} profiled: wall {p['wall']:.3f}s, device busy {p['device_busy']:.3f}s, host in {p['ops']} "
-              f"ATen ops {p['aten_host']:.3f}s; region host ms: {regions}")
+              f"ATen ops {p['aten_host']:.3f}s{syncs}; region host ms: {regions}")
     if not result["refresh"]:
         return
     r = statistics.median(result["refresh"])
