@@ -17,7 +17,7 @@ knob-gradient writes, segments) and the optimizer, the time each takes per step;
 cost per refresh and amortised over refresh = 5 optimizer steps, against a vanilla step.
 The batch is random tokens of the stated lengths (the cost does not depend on their values); the pair set is the
 shipped one, tokenized by the benchmark model's small local tokenizer (longer token sequences than Qwen's).
-`--json PATH` also writes every measurement.
+`--json PATH` also writes every measurement; `--report PATH` prints the tables of such a file again (no run).
 """
 
 from __future__ import annotations
@@ -322,18 +322,21 @@ def report(result: dict, refresh_every: int) -> None:
             memory = f"  peak {max(peaks[arm]):6.2f} GiB  x{max(peaks[arm]) / base_m:.3f}"
         print(f"  {arm:14s} step {statistics.median(t):8.4f}s  x{ratio:.3f} vs vanilla  (min-max {spread})"
               f"{'' if arm == 'vanilla' else pairs}{memory}")
-    vanilla_regions = result["regions"]["vanilla"]
-    for arm, seconds in result["regions"].items():
+    regions = result.get("regions", {})  # runs before the regions were timed have none
+    for arm, seconds in regions.items():
         parts = "  ".join(f"{name} {value * 1000:.1f}" for name, value in seconds.items())
         print(f"  {arm:14s} regions (ms): {parts}")
         if arm != "vanilla":
-            own = sum(seconds[name] for name in ROUTE2B_ONLY)
-            shared = sum(seconds[name] - vanilla_regions[name] for name in ("apply", "optimizer"))
-            print(f"  {'':14s} route2b's own code {own * 1000:.1f} ms = {own / base_t * 100:.2f}% of vanilla's step; "
-                  f"apply + optimizer {shared * 1000:+.1f} ms against vanilla's")
-    for arm, p in result["profiles"].items():
+            own = sum(seconds.get(name, 0.0) for name in ROUTE2B_ONLY)
+            shared = ""
+            if "apply" in regions.get("vanilla", {}):  # (the earliest saved runs timed route2b's regions only)
+                extra = sum(seconds[name] - regions["vanilla"][name] for name in ("apply", "optimizer"))
+                shared = f"; apply + optimizer {extra * 1000:+.1f} ms against vanilla's"
+            print(f"  {'':14s} route2b's own code {own * 1000:.1f} ms = {own / base_t * 100:.2f}% of vanilla's step"
+                  f"{shared}")
+    for arm, p in result.get("profiles", {}).items():
         regions = "  ".join(f"{name} {value * 1000:.1f}" for name, value in p["regions_host"].items())
-        syncs = "" if p["syncs"] is None else f", {p['syncs']} host-device syncs"
+        syncs = "" if p.get("syncs") is None else f", {p['syncs']} host-device syncs"
         print(f"  {arm:14s} profiled: wall {p['wall']:.3f}s, device busy {p['device_busy']:.3f}s, host in {p['ops']} "
               f"ATen ops {p['aten_host']:.3f}s{syncs}; region host ms: {regions}")
     if not result["refresh"]:
@@ -364,7 +367,15 @@ def main() -> None:
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--profile", metavar="DIR", help="also run one step per arm under torch.profiler and write "
                         "its op tables to DIR")
+    parser.add_argument("--report", metavar="JSON", help="print the tables of a saved --json run and exit")
     args = parser.parse_args()
+    if args.report:
+        with open(args.report) as fh:
+            saved = json.load(fh)
+        print(f"{saved['args']['shape']} on {saved['device']}, saved run {args.report}")
+        for result in saved["results"]:
+            report(result, saved["args"]["refresh_every"])
+        return
 
     import torch
 

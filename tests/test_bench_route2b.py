@@ -36,3 +36,9 @@ def test_cpu_benchmark_measures_every_arm_route2b_region_and_the_refresh(tmp_pat
         assert profile["ops"] > 0 and profile["regions_host"]["apply"] > 0, (arm, profile)
         assert "sorted by self_cpu_time_total" in (tmp_path / "profile" / f"r8_ckpton_{arm}.txt").read_text()
     assert "gate+route" in result["profiles"]["route2b"]["regions_host"]
+    # --report prints the same tables again from the saved file, with no run
+    again = subprocess.run([sys.executable, str(SCRIPT), "--report", str(out)], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr[-4000:]
+    tables = [line for line in again.stdout.splitlines()[1:] if line.strip()]
+    assert len(tables) >= 8 and set(tables) <= set(run.stdout.splitlines()), (again.stdout, run.stdout)
