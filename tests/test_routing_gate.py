@@ -402,3 +402,28 @@ def test_fit_is_deterministic_refresh_follows_the_weights_and_sharding_gathers_a
         with torch.no_grad():
             layer.keep_knob.sub_(0.5)
     assert not torch.allclose(refreshed[next(iter(direction))], direction[next(iter(direction))]), "refresh reads current weights"
+
+
+@pytest.mark.parametrize("granularity", ["rollout", "token"])
+def test_gate_and_router_read_nothing_on_the_host_before_finish_reads_once(granularity):
+    """No host sync in the hot path: on the meta device every value read on the host raises, so the gate, the
+    router's per-micro-batch adds and finish's device half must run there, and only finish's single read fails."""
+    meta = torch.device("meta")
+    ranks = {"m0": 3, "m1": 5}
+    direction = {name: torch.empty(2, r, dtype=torch.float32, device=meta) for name, r in ranks.items()}
+    band = Band(lower=0.1, upper=0.5)
+    router = GradientRouter(list(ranks))
+    for _ in range(2):  # two micro-batches
+        rollouts = {name: torch.empty(4, r, device=meta) for name, r in ranks.items()}
+        rollout_gate = gate(rollouts, direction, band)
+        if granularity == "rollout":
+            router.add(rollout_gate)
+        else:
+            tokens = {name: torch.empty(9, r, device=meta) for name, r in ranks.items()}
+            example_of_token = torch.empty(9, dtype=torch.long, device=meta)
+            router.add_tokens(rollout_gate, gate(tokens, direction, band), example_of_token)
+    kept, quarantine, scalars = router._reduce_on_device(reduce=lambda flat: flat * 2, grad_scale=0.5)
+    assert kept.shape == quarantine.shape == (8,) and kept.device == meta
+    assert scalars.shape == (len(router._scalar_names()),)
+    with pytest.raises((NotImplementedError, RuntimeError)):  # the one host read, which meta cannot serve
+        router.finish()

@@ -84,46 +84,63 @@ class GradientRouter:
         sums travel together, one collective). grad_scale multiplies the reduced gradients, e.g. 1/world_size to
         match FSDP's gradient averaging. Score percentiles are over this rank's units only.
         """
+        kept_flat, quarantine_flat, scalars = self._reduce_on_device(reduce, grad_scale)
+        values = dict(zip(self._scalar_names(), scalars.tolist()))  # the step's one host sync: every metric at once
+        if values["n_nonfinite"]:
+            self._reset()
+            raise ValueError(f"policy-loss gradients contain NaN/inf ({values['n_nonfinite']:.0f} of "
+                             f"{values['n_gated']:.0f} gated micro-batches, over all ranks): the loss should be "
+                             "finite; no knob gradient was written")
+        n_gated, total_mass = values["n_gated"], values["total_mass"]
+        metrics = {
+            "frout": values["routed_mass"] / total_mass if total_mass > 0 else 0.0,
+            "n_examples": values["n_examples"],
+            "band_degenerate_fraction": values["n_degenerate"] / n_gated if n_gated else 0.0,
+            "keep_grad_norm": values["keep_grad_norm"],
+            "quarantine_grad_norm": values["quarantine_grad_norm"],
+        }
+        if self._last_band is not None:
+            metrics.update(
+                band_lower=self._last_band.lower, band_upper=self._last_band.upper, band_width=self._last_band.width
+            )
+        metrics.update({name: value for name, value in values.items() if name.startswith(SCORE_PREFIXES)})
+        ranks = self._ranks
+        kept = dict(zip(self.module_names, kept_flat.split(ranks)))
+        quarantine = dict(zip(self.module_names, quarantine_flat.split(ranks)))
+        self._reset()
+        return RoutedGradients(kept, quarantine, metrics)
+
+    def _reduce_on_device(self, reduce: Optional[Reduce], grad_scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """finish's device half, with no host sync (tests run it on the meta device, where a host read raises): the
+        reduced and scaled (sum r,) kept and quarantine gradients, and every metric's value in one float64 tensor,
+        in _scalar_names() order."""
         if self._kept is None:
             raise RuntimeError("nothing to finish: add at least one micro-batch")
         reference = self._kept
-        counts = torch.tensor(
-            [self._n_examples, self._n_gated, self._n_degenerate], dtype=reference.dtype, device=reference.device
-        )
-        counts = torch.cat([counts, self._n_nonfinite.to(counts.dtype).reshape(1)])
+        # host ints: a non-blocking copy, no wait for the device
+        counts = torch.tensor([self._n_examples, self._n_gated, self._n_degenerate], dtype=reference.dtype)
+        counts = torch.cat([counts.to(reference.device, non_blocking=True),
+                            self._n_nonfinite.to(reference.dtype).reshape(1)])
         flat = torch.cat([self._kept, self._quarantine, torch.stack(self._mass).to(reference.dtype), counts])
         if reduce is not None:
             reduced = reduce(flat)
             if reduced.shape != flat.shape:
                 raise ValueError(f"reduce returned shape {tuple(reduced.shape)}, should be {tuple(flat.shape)}")
             flat = reduced
-        ranks = self._ranks
-        total_rank = sum(ranks)
+        total_rank = sum(self._ranks)
         kept_flat, quarantine_flat = flat[:total_rank] * grad_scale, flat[total_rank : 2 * total_rank] * grad_scale
-        kept = dict(zip(self.module_names, kept_flat.split(ranks)))
-        quarantine = dict(zip(self.module_names, quarantine_flat.split(ranks)))
         norms = torch.stack([kept_flat.double().norm(), quarantine_flat.double().norm()])
-        routed_mass, total_mass, n_examples, n_gated, n_degenerate, n_nonfinite, keep_norm, quarantine_norm = torch.cat(
-            [flat[2 * total_rank :].double(), norms]).tolist()  # one host sync for every scalar
-        if n_nonfinite:
-            self._reset()
-            raise ValueError(f"policy-loss gradients contain NaN/inf ({n_nonfinite:.0f} of {n_gated:.0f} gated "
-                             "micro-batches, over all ranks): the loss should be finite; no knob gradient was written")
-        metrics = {
-            "frout": routed_mass / total_mass if total_mass > 0 else 0.0,
-            "n_examples": n_examples,
-            "band_degenerate_fraction": n_degenerate / n_gated if n_gated else 0.0,
-            "keep_grad_norm": keep_norm,
-            "quarantine_grad_norm": quarantine_norm,
-        }
-        if self._last_band is not None:
-            metrics.update(
-                band_lower=self._last_band.lower, band_upper=self._last_band.upper, band_width=self._last_band.width
-            )
-        metrics.update(_score_stats("cos", self._scores))
-        metrics.update(_score_stats("token_cos", self._token_scores))
-        self._reset()
-        return RoutedGradients(kept, quarantine, metrics)
+        stats = [s for s in (_score_stats(self._scores), _score_stats(self._token_scores)) if s is not None]
+        return kept_flat, quarantine_flat, torch.cat([flat[2 * total_rank :].double(), norms, *stats])
+
+    def _scalar_names(self) -> list[str]:
+        names = ["routed_mass", "total_mass", "n_examples", "n_gated", "n_degenerate", "n_nonfinite",
+                 "keep_grad_norm", "quarantine_grad_norm"]
+        for prefix, scores in zip(SCORE_PREFIXES, (self._scores, self._token_scores)):
+            if _has_scores(scores):
+                names += [f"{prefix}_{stat}" for stat in SCORE_STATS]
+        return names
 
     def _check(self, result: GateResult, what: str) -> None:
         if list(result.grads.modules) != self.module_names:
@@ -166,20 +183,20 @@ def write_knob_grads(adapter: QuarantineAdapter, routed: RoutedGradients) -> Non
             parameter.grad = grad.to(device=parameter.device, dtype=parameter.dtype, copy=True)
 
 
-def _score_stats(prefix: str, scores: list[torch.Tensor]) -> dict[str, float]:
-    if not scores:
-        return {}
+SCORE_PREFIXES = ("cos", "token_cos")  # the rollout and the token gate's cosine statistics
+SCORE_STATS = ("mean", "std", "min", "max", "p10", "p50", "p90")
+
+
+def _has_scores(scores: list[torch.Tensor]) -> bool:
+    """Whether there are scores to summarise (known on the host: shapes only)."""
+    return sum(s.numel() for s in scores) > 0
+
+
+def _score_stats(scores: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """SCORE_STATS of the scores as one float64 tensor on their device, or None for no scores."""
+    if not _has_scores(scores):
+        return None
     values = torch.cat(scores).double()
-    if values.numel() == 0:
-        return {}
-    quantiles = torch.quantile(values, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=values.device))
-    p10, p50, p90 = quantiles.tolist()
-    return {
-        f"{prefix}_mean": values.mean().item(),
-        f"{prefix}_std": values.std(unbiased=False).item(),
-        f"{prefix}_min": values.min().item(),
-        f"{prefix}_max": values.max().item(),
-        f"{prefix}_p10": p10,
-        f"{prefix}_p50": p50,
-        f"{prefix}_p90": p90,
-    }
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64).to(values.device, non_blocking=True)
+    moments = torch.stack([values.mean(), values.std(correction=0), values.amin(), values.amax()])
+    return torch.cat([moments, torch.quantile(values, q)])
