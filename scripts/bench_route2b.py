@@ -124,7 +124,8 @@ def step_regions() -> list[tuple[str, type, str]]:
     ]
 
 
-ROUTE2B_ONLY = ("gate+route", "reduce", "write", "segments")
+# (+ "knob backward": the Python autograd function's backward, stash included, in runs before the autograd stash)
+ROUTE2B_ONLY = ("knob backward", "gate+route", "reduce", "write", "segments")
 
 
 @contextlib.contextmanager
