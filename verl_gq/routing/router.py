@@ -84,8 +84,8 @@ class GradientRouter:
         sums travel together, one collective). grad_scale multiplies the reduced gradients, e.g. 1/world_size to
         match FSDP's gradient averaging. Score percentiles are over this rank's units only.
         """
-        kept_flat, quarantine_flat, scalars = self._reduce_on_device(reduce, grad_scale)
-        values = dict(zip(self._scalar_names(), scalars.tolist()))  # the step's one host sync: every metric at once
+        kept_flat, quarantine_flat, names, scalars = self._reduce_on_device(reduce, grad_scale)
+        values = dict(zip(names, scalars.tolist()))  # the step's one host sync: every metric at once
         if values["n_nonfinite"]:
             self._reset()
             raise ValueError(f"policy-loss gradients contain NaN/inf ({values['n_nonfinite']:.0f} of "
@@ -111,10 +111,10 @@ class GradientRouter:
         return RoutedGradients(kept, quarantine, metrics)
 
     def _reduce_on_device(self, reduce: Optional[Reduce], grad_scale: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
         """finish's device half, with no host sync (tests run it on the meta device, where a host read raises): the
-        reduced and scaled (sum r,) kept and quarantine gradients, and every metric's value in one float64 tensor,
-        in _scalar_names() order."""
+        reduced and scaled (sum r,) kept and quarantine gradients, the metrics' names, and their values in one
+        float64 tensor in that order."""
         if self._kept is None:
             raise RuntimeError("nothing to finish: add at least one micro-batch")
         reference = self._kept
@@ -131,16 +131,17 @@ class GradientRouter:
         total_rank = sum(self._ranks)
         kept_flat, quarantine_flat = flat[:total_rank] * grad_scale, flat[total_rank : 2 * total_rank] * grad_scale
         norms = torch.stack([kept_flat.double().norm(), quarantine_flat.double().norm()])
-        stats = [s for s in (_score_stats(self._scores), _score_stats(self._token_scores)) if s is not None]
-        return kept_flat, quarantine_flat, torch.cat([flat[2 * total_rank :].double(), norms, *stats])
-
-    def _scalar_names(self) -> list[str]:
-        names = ["routed_mass", "total_mass", "n_examples", "n_gated", "n_degenerate", "n_nonfinite",
-                 "keep_grad_norm", "quarantine_grad_norm"]
+        named = {  # names -> their values, side by side
+            ("routed_mass", "total_mass", "n_examples", "n_gated", "n_degenerate", "n_nonfinite"):
+                flat[2 * total_rank :].double(),
+            ("keep_grad_norm", "quarantine_grad_norm"): norms,
+        }
         for prefix, scores in zip(SCORE_PREFIXES, (self._scores, self._token_scores)):
-            if _has_scores(scores):
-                names += [f"{prefix}_{stat}" for stat in SCORE_STATS]
-        return names
+            stats = _score_stats(scores)
+            if stats is not None:
+                named[tuple(f"{prefix}_{stat}" for stat in SCORE_STATS)] = stats
+        names = [name for group in named for name in group]
+        return kept_flat, quarantine_flat, names, torch.cat(list(named.values()))
 
     def _check(self, result: GateResult, what: str) -> None:
         if list(result.grads.modules) != self.module_names:
@@ -187,14 +188,9 @@ SCORE_PREFIXES = ("cos", "token_cos")  # the rollout and the token gate's cosine
 SCORE_STATS = ("mean", "std", "min", "max", "p10", "p50", "p90")
 
 
-def _has_scores(scores: list[torch.Tensor]) -> bool:
-    """Whether there are scores to summarise (known on the host: shapes only)."""
-    return sum(s.numel() for s in scores) > 0
-
-
 def _score_stats(scores: list[torch.Tensor]) -> Optional[torch.Tensor]:
-    """SCORE_STATS of the scores as one float64 tensor on their device, or None for no scores."""
-    if not _has_scores(scores):
+    """SCORE_STATS of the scores as one float64 tensor on their device, or None for no scores (known from shapes)."""
+    if sum(s.numel() for s in scores) == 0:
         return None
     values = torch.cat(scores).double()
     q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64).to(values.device, non_blocking=True)
