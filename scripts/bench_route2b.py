@@ -197,8 +197,8 @@ def profiled_step(engine, data, loss_fn, device: str, out_path: str) -> dict:
         for key in ("self_device_time_total", "self_cpu_time_total"):
             fh.write(f"sorted by {key}\n{averages.table(sort_by=key, row_limit=40, max_name_column_width=60)}\n")
         if syncs is not None:
-            fh.write("host-device syncs by caller\n" + "".join(f"{n:6d}  {where}\n" for where, n in
-                                                                  sorted(syncs.items(), key=lambda kv: -kv[1])))
+            callers = "".join(f"{n:6d}  {where}\n" for where, n in syncs.most_common())
+            fh.write(f"host-device syncs by caller\n{callers}")
     host_events = [e for e in averages if e.device_type == DeviceType.CPU]
     return {
         "wall": wall,
@@ -215,17 +215,18 @@ def profiled_step(engine, data, loss_fn, device: str, out_path: str) -> dict:
 
 @contextlib.contextmanager
 def counted_syncs(device: str):
-    """On a GPU, counts the host-device syncs made while active by their Python caller ({"file:line": n}): torch's
-    sync debug mode warns at each synchronizing call (.item(), a blocking copy, nonzero, ...). The timed steps run
-    without it. On a CPU there is nothing to count: yields None."""
+    """On a GPU, counts the host-device syncs made while active by their Python caller (a Counter of "file:line"):
+    torch's sync debug mode warns at each synchronizing call (.item(), a blocking copy, nonzero, ...). The timed
+    steps run without it. On a CPU there is nothing to count: yields None."""
     import warnings
+    from collections import Counter
 
     import torch
 
     if device != "cuda":
         yield None
         return
-    syncs: dict[str, int] = {}
+    syncs: Counter[str] = Counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -234,10 +235,7 @@ def counted_syncs(device: str):
         finally:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("default")
-    for w in caught:
-        if "synchronizing" in str(w.message):
-            where = f"{os.path.relpath(w.filename)}:{w.lineno}"
-            syncs[where] = syncs.get(where, 0) + 1
+    syncs.update(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught if "synchronizing" in str(w.message))
 
 
 def region_seconds(calls: dict, device: str) -> dict:
@@ -336,10 +334,10 @@ def report(result: dict, refresh_every: int) -> None:
             print(f"  {'':14s} route2b's own code {own * 1000:.1f} ms = {own / base_t * 100:.2f}% of vanilla's step"
                   f"{shared}")
     for arm, p in result.get("profiles", {}).items():
-        regions = "  ".join(f"{name} {value * 1000:.1f}" for name, value in p["regions_host"].items())
+        region_host = "  ".join(f"{name} {value * 1000:.1f}" for name, value in p["regions_host"].items())
         syncs = "" if p.get("syncs") is None else f", {p['syncs']} host-device syncs"
         print(f"  {arm:14s} profiled: wall {p['wall']:.3f}s, device busy {p['device_busy']:.3f}s, host in {p['ops']} "
-              f"ATen ops {p['aten_host']:.3f}s{syncs}; region host ms: {regions}")
+              f"ATen ops {p['aten_host']:.3f}s{syncs}; region host ms: {region_host}")
     if not result["refresh"]:
         return
     r = statistics.median(result["refresh"])
