@@ -62,15 +62,35 @@ def write_pair_subset(per_mode: int, out_path: str) -> str:
     return out_path
 
 
-def select_arm(engine, controller, base_gq, arm: str) -> None:
-    """Point the engine at one arm's code path. vanilla = no controller: the engine's plain-capture path, where the
-    quarantine knob is detached and gets no gradient, exactly as in an engine built with method vanilla."""
-    if arm == "vanilla":
-        engine.route2b = None
-        return
-    gq = dataclasses.replace(base_gq, granularity="token" if arm == "route2b_token" else "rollout")
-    engine.gq = controller.gq = gq
-    engine.route2b = controller
+class ArmSwitch:
+    """Points one engine at one arm's code path between steps.
+
+    vanilla = no controller: the engine's plain-capture path, where the quarantine knob is detached and gets no
+    gradient, exactly as in an engine built with method vanilla. route2b keeps its knob gradients allocated between
+    steps (the engine zeroes them in place); an engine of method vanilla holds none over, so the vanilla arm runs
+    with them set aside (AdamW then steps the keep knobs only, as vanilla's does) and the next route2b step gets
+    them back."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.controller, self.base_gq = engine, engine.route2b, engine.gq
+        self.held_grads = None
+
+    def __call__(self, arm: str) -> None:
+        engine, knobs = self.engine, self.engine.adapter.knob_parameters()
+        if arm == "vanilla":
+            if engine.route2b is not None:
+                self.held_grads = [knob.grad for knob in knobs]
+                for knob in knobs:
+                    knob.grad = None
+            engine.route2b = None
+            return
+        if engine.route2b is None and self.held_grads is not None:
+            for knob, grad in zip(knobs, self.held_grads):
+                knob.grad = grad
+            self.held_grads = None
+        gq = dataclasses.replace(self.base_gq, granularity="token" if arm == "route2b_token" else "rollout")
+        engine.gq = self.controller.gq = gq
+        engine.route2b = self.controller
 
 
 def synchronize(device: str) -> None:
@@ -251,7 +271,7 @@ def bench_config(model_dir: str, pair_file: str, args, rank, checkpointing: bool
 
     import torch
 
-    from verl_gq.verl.engine_driver import actor_loss_fn, build_engine, make_batch
+    from verl_gq.verl.engine_driver import actor_loss_fn, actor_update, build_engine, make_batch
 
     micro_batch = args.micro_batch if checkpointing else args.micro_batch_no_ckpt
     gq = {"method": "route2b", "rank": rank, "refresh": 0, "pair_file": pair_file,
@@ -261,31 +281,35 @@ def bench_config(model_dir: str, pair_file: str, args, rank, checkpointing: bool
                           precision="bf16" if device == "cuda" else "fp32", lr=1e-6,
                           optimizer_overrides={"fused": True} if args.fused_adamw else None)
     build_seconds = time.perf_counter() - started
-    controller, base_gq = engine.route2b, engine.gq
+    select_arm = ArmSwitch(engine)
+    controller = engine.route2b
     vocab = engine.model_config.hf_config.vocab_size
     data = make_batch(0, args.n, vocab, micro_batch, prompt_len=(args.prompt, args.prompt + 1),
                       response_len=(args.response, args.response + 1), remove_padding=False)
     loss_fn = actor_loss_fn(rollout_n=1, mini_batch=args.n)
     times = {arm: [] for arm in ARMS}
     peaks = {arm: [] for arm in ARMS}
+    knobs_with_grad = {}
     for arm in ARMS:  # warm-up (allocator, kernels; route2b's first step extracts the direction)
-        select_arm(engine, controller, base_gq, arm)
-        timed_update(engine, data, loss_fn, device)
+        select_arm(arm)
+        grads = actor_update(engine, data, loss_fn, read_grads=True)["grads"]
+        # what AdamW stepped: vanilla the keep knobs only, route2b both (the arms must differ only in routing)
+        knobs_with_grad[arm] = sum(grad is not None for knobs in grads.values() for grad in knobs.values())
     for _ in range(args.repeats):
         for arm in ARMS:
-            select_arm(engine, controller, base_gq, arm)
+            select_arm(arm)
             elapsed, peak = timed_update(engine, data, loss_fn, device)
             times[arm].append(elapsed)
             peaks[arm].append(peak)
     regions = {}
     for arm in ARMS:  # one more step per arm, timed region by region
-        select_arm(engine, controller, base_gq, arm)
+        select_arm(arm)
         with timed_regions(device) as calls:
             timed_update(engine, data, loss_fn, device)
         regions[arm] = region_seconds(calls, device)
     profiles = {}
     for arm in ARMS if args.profile else ():
-        select_arm(engine, controller, base_gq, arm)
+        select_arm(arm)
         tag = f"r{rank}_ckpt{'on' if checkpointing else 'off'}_{arm}"
         profiles[arm] = profiled_step(engine, data, loss_fn, device, os.path.join(args.profile, f"{tag}.txt"))
     refresh = []
@@ -296,12 +320,13 @@ def bench_config(model_dir: str, pair_file: str, args, rank, checkpointing: bool
             controller.refresh()
         synchronize(device)
         refresh.append(time.perf_counter() - start)
-    del engine, controller
+    del engine, controller, select_arm
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return {"rank": rank, "checkpointing": checkpointing, "micro_batch": micro_batch, "build_seconds": build_seconds,
-            "times": times, "peaks": peaks, "regions": regions, "profiles": profiles, "refresh": refresh}
+            "times": times, "peaks": peaks, "regions": regions, "knobs_with_grad": knobs_with_grad,
+            "profiles": profiles, "refresh": refresh}
 
 
 def report(result: dict, refresh_every: int) -> None:

@@ -86,6 +86,10 @@ class QuarantineAdapter:
         self.config = config
         self.layers = layers
         self.deployed = False
+        # Set by a wrapper whose backward hooks need every knob to receive autograd's gradient (FSDP1 restores its
+        # parameters only in post-backward hooks of flat parameters that get one): stash-mode captures then keep
+        # the knobs in the graph (verl_gq/routing/capture.py).
+        self.knob_gradient_totals = False
 
     @property
     def module_names(self) -> list[str]:

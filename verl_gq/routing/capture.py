@@ -5,13 +5,18 @@ For a module with a_t = V_r^T x_t and b_t = dL/dh_t, the gradient of L with resp
 an example's gradient is the sum of its positions' terms.
 
 In stash mode each module multiplies position t by a per-example copy of the scale,
-h_t = a_t * (scale + zero_row[row(t)]), where `zero_row` is an all-zero (rows x r) autograd leaf: the forward is
-unchanged, and autograd's own backward of the gather (an index_add) leaves sum_{t in row} a_t * b_t in
-`zero_row.grad`, one row per example, in C++ with no Python per module in the backward. A row is an example, or,
-per token, a stashed token position (its own row) and each example's other positions (the example's remainder row).
-Gradient checkpointing re-runs the forward against the same leaf, so nothing changes under it.
-dL/dkeep = sum_t g_t and dL/dquar = c * dL/dkeep, so one stash serves both knobs; autograd still writes those
-totals to the knobs' `.grad` (FSDP's post-backward hooks need a gradient), and the router replaces them.
+h_t = a_t * scale_rows[row(t)], where `scale_rows` is an (n_rows x r) autograd leaf holding the scale's value (detached
+from the knobs) in every row: the forward is unchanged, and autograd's own backward of the gather (an index_add)
+leaves sum_{t in row} a_t * b_t in `scale_rows.grad`, one row per example, in C++ with no Python per module in the
+backward. A row is an example, or, per token, a stashed token position (its own row) and each example's other
+positions (the example's remainder row). Gradient checkpointing re-runs the forward against the same leaf, so
+nothing changes under it. dL/dkeep = sum_t g_t and dL/dquar = c * dL/dkeep, so one stash serves both knobs.
+
+The knobs themselves stay out of this backward (the caller writes their routed gradients), which saves each module
+autograd's total nodes. A wrapper whose backward hooks need every knob to receive a gradient (FSDP1: it restores
+its parameters in post-backward hooks that fire only for flat parameters that get one) sets the adapter's
+`knob_gradient_totals`: the leaf then holds zeros added to the live scale, and the knobs' `.grad` receive autograd's
+totals (keep: dL/dkeep, quarantine: c dL/dkeep), for the caller to replace.
 """
 
 from __future__ import annotations
@@ -166,8 +171,8 @@ class KnobGradientCapture:
     mode "stash": after each backward, `example_rows()` holds the (n_examples, sum r) gradients dL/dkeep of each
         example, and with `Segments.token_positions` set, `token_rows()` the (n_tokens, sum r) per-position terms.
         Stashes are float32 at least and accumulate over repeated backwards until the next `set_segments`. The
-        knobs' `.grad` receive autograd's own totals (keep: dL/dkeep, quarantine: c dL/dkeep), for the caller to
-        replace.
+        knobs' `.grad` are left as they are, unless the adapter's `knob_gradient_totals` is set: then they receive
+        autograd's own totals (keep: dL/dkeep, quarantine: c dL/dkeep), for the caller to replace.
 
     Call `set_segments` before each micro-batch's forward; the segments active at a module's forward are the ones
     its backward uses (so a recomputed forward under checkpointing sees the same ones).
@@ -180,14 +185,14 @@ class KnobGradientCapture:
         self.mode = mode
         self.segments: Optional[Segments] = None
         self._stash_dtype = torch.promote_types(adapter.knob_parameters()[0].dtype, torch.float32)
-        self._zero_rows: dict[str, torch.Tensor] = {}  # module -> its (n_rows, r) all-zero leaf this micro-batch
-        self._zero: Optional[torch.Tensor] = None  # the scalar those leaves expand (one per capture)
+        self._scale_rows: dict[str, torch.Tensor] = {}  # module -> its (n_rows, r) leaf this micro-batch
+        self._zero: Optional[torch.Tensor] = None  # the scalar the knob_gradient_totals leaves expand
         self._installed = False
 
     def set_segments(self, segments: Segments) -> None:
         """Segments of the next micro-batch; clears the stashes."""
         self.segments = segments
-        self._zero_rows = {}
+        self._scale_rows = {}
 
     def __enter__(self) -> "KnobGradientCapture":
         busy = [name for name, layer in self.adapter.layers.items() if layer.knob_application is not None]
@@ -234,7 +239,7 @@ class KnobGradientCapture:
     def _complete(self) -> dict[str, torch.Tensor]:
         if self.mode != "stash":
             raise RuntimeError(f"capture mode {self.mode!r} stashes nothing; use mode='stash'")
-        stash = {name: self._zero_rows[name].grad for name in self.adapter.layers if name in self._zero_rows}
+        stash = {name: self._scale_rows[name].grad for name in self.adapter.layers if name in self._scale_rows}
         missing = [name for name in self.adapter.layers if stash.get(name) is None]
         if missing:
             raise RuntimeError(
@@ -249,14 +254,16 @@ class KnobGradientCapture:
 
     def _apply_stash(self, name: str, a: torch.Tensor, keep: torch.Tensor, quar: torch.Tensor,
                      coefficient: float) -> torch.Tensor:
-        zero_rows = self._zero_rows.get(name)
-        if zero_rows is None:  # first forward of this module in this micro-batch (a recompute finds it)
-            zero_rows = self._zero_rows[name] = self._new_zero_rows(name, a)
+        scale_rows = self._scale_rows.get(name)
+        if scale_rows is None:  # first forward of this module in this micro-batch (a recompute finds it)
+            scale_rows = self._scale_rows[name] = self._new_scale_rows(name, a, keep, quar, coefficient)
+        if self.adapter.knob_gradient_totals:
+            scale_rows = torch.add(keep, quar, alpha=coefficient) + scale_rows
         # (n_rows, r) in the stash dtype; gathered per position, then in the activations' dtype like vanilla's scale
-        scale_rows = torch.add(keep, quar, alpha=coefficient) + zero_rows
         return a * scale_rows.index_select(0, self.segments.row_of_position).to(a.dtype).view(a.shape)
 
-    def _new_zero_rows(self, name: str, a: torch.Tensor) -> torch.Tensor:
+    def _new_scale_rows(self, name: str, a: torch.Tensor, keep: torch.Tensor, quar: torch.Tensor,
+                        coefficient: float) -> torch.Tensor:
         segments = self.segments
         if segments is None:
             raise RuntimeError("stash capture needs set_segments(...) before the forward")
@@ -271,10 +278,15 @@ class KnobGradientCapture:
                 f"{name}: the input has {positions} positions (shape {tuple(a.shape[:-1])}) but the segments "
                 f"describe {segments.n_positions}; set_segments must describe this micro-batch"
             )
-        # an expanded scalar: no memory, and autograd allocates the gradient (the stash) at its full size
-        if self._zero is None or self._zero.device != a.device:
-            self._zero = torch.zeros((), device=a.device, dtype=self._stash_dtype)
-        return self._zero.expand(segments.n_rows, a.shape[-1]).requires_grad_()
+        # an expanded vector (scale) or scalar (zero): no memory, and autograd allocates the gradient (the stash) at
+        # its full size
+        if self.adapter.knob_gradient_totals:
+            if self._zero is None or self._zero.device != a.device:
+                self._zero = torch.zeros((), device=a.device, dtype=self._stash_dtype)
+            value = self._zero
+        else:
+            value = torch.add(keep.detach(), quar.detach(), alpha=coefficient).to(self._stash_dtype)
+        return value.expand(segments.n_rows, a.shape[-1]).requires_grad_()
 
 
 def _check_mask(what: str, mask: torch.Tensor, shape: tuple[int, ...]) -> None:

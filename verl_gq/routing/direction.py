@@ -68,10 +68,10 @@ def completion_log_prob_gradients(
     knob scale, from one stash-mode backward per micro-batch.
 
     `model` is called Hugging Face style, `model(input_ids=, attention_mask=, use_cache=False, logits_to_keep=)`, on
-    right-padded batches, and must return logits (or an object with `.logits`). As after any backward, the knobs'
-    `.grad` accumulate the summed gradient (the capture's stash mode leaves autograd's totals there); the training
-    step replaces them with its routed gradients. The model's train/eval mode is left as is: dropout must be off for a reproducible direction (Qwen has
-    none).
+    right-padded batches, and must return logits (or an object with `.logits`). The knobs' `.grad` are left as
+    they are (with the adapter's `knob_gradient_totals`, FSDP1's case, they accumulate the summed gradient); the
+    training step writes its routed gradients over them. The model's train/eval mode is left as is: dropout must be
+    off for a reproducible direction (Qwen has none).
 
     Memory: sequences go into micro-batches in prompt-length order (a completion's rows stay near its pair's other
     completion), at most `micro_batch_size` sequences and, with `max_tokens`, at most that many padded tokens each

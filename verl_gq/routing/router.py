@@ -173,7 +173,7 @@ class GradientRouter:
 @torch.no_grad()
 def write_knob_grads(adapter: QuarantineAdapter, routed: RoutedGradients) -> None:
     """Default writer for plain (non-DTensor) knobs: the routed gradients become keep_knob.grad and
-    quarantine_knob.grad, replacing what the stash's backward left there (autograd's own unrouted totals). Under
+    quarantine_knob.grad, replacing whatever is there (autograd's unrouted totals under `knob_gradient_totals`). Under
     FSDP2 the knobs are DTensors and the engine must place the full tensors on their shards itself."""
     for name, layer in adapter.layers.items():
         for parameter, grad in ((layer.keep_knob, routed.kept[name]), (layer.quarantine_knob, routed.quarantine[name])):

@@ -86,6 +86,7 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             QuarantineAdapterConfig(rank=self.gq.rank, target_modules=list(self.gq.target_modules)),
             svd_device=svd_device,
         )
+        self.adapter.knob_gradient_totals = self.engine_config.strategy == "fsdp"
         if self.gq.method == "vanilla":
             for layer in self.adapter.layers.values():
                 layer.quarantine_knob.requires_grad_(False)
@@ -142,6 +143,13 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
 
     # --- the gated backward ----------------------------------------------------------------------------------
+
+    def optimizer_zero_grad(self):
+        if self.route2b is None:
+            return super().optimizer_zero_grad()
+        # route2b writes every knob's gradient itself; zeroed in place, the gradients stay allocated between steps,
+        # so the write is one batched copy instead of a new DTensor per knob per step (_write_knob_grads)
+        self.optimizer.zero_grad(set_to_none=False)
 
     def forward_backward_batch(self, data: TensorDict, loss_function: Callable, forward_only=False):
         if forward_only or self.adapter is None:
@@ -242,10 +250,10 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
     @staticmethod
     @torch.no_grad()
     def _write_knob_grads(knobs: list[torch.nn.Parameter], full_grads: list[torch.Tensor]) -> None:
-        """Make the full (all-reduced, identical on every rank) routed gradients the knobs' gradients, replacing the
-        unrouted totals the stash's backward left there. A sharded knob takes this rank's part in place, and all
-        the copies run as one batched kernel: a DTensor op per knob costs ~0.1 ms of host time, and a step writes
-        two knobs per adapted module."""
+        """Make the full (all-reduced, identical on every rank) routed gradients the knobs' gradients, replacing
+        what is there (optimizer_zero_grad's zeros; under FSDP1 the unrouted totals of the stash's backward). A
+        sharded knob takes this rank's part in place, and all the copies run as one batched kernel: a DTensor op per
+        knob costs ~0.1 ms of host time, and a step writes two knobs per adapted module."""
         targets, sources = [], []
         for knob, full in zip(knobs, full_grads):
             full = full.to(device=knob.device, dtype=knob.dtype)
