@@ -387,7 +387,8 @@ def main() -> None:
                         "18 on GPU, 2 on CPU)")
     parser.add_argument("--refresh-every", type=int, default=5)
     parser.add_argument("--fused-adamw", action="store_true", help="every arm's AdamW fused (verl: actor.optim."
-                        "override_optimizer_config={fused: true}) instead of torch's default foreach")
+                        "override_optimizer_config={fused: true}, as recipes/vanilla.yaml and every paper arm set it) "
+                        "instead of torch's default foreach")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--profile", metavar="DIR", help="also run one step per arm under torch.profiler and write "
                         "its op tables to DIR")

@@ -75,7 +75,11 @@ def run(model_dir: str, options: dict) -> dict:
         results[arm] = actor_update(engine, data, loss_fn, step=bool(merged.get("save_checkpoint")), read_grads=True)
         if merged.get("state_dict_after_two_steps"):
             actor_update(engine, batch_for(engine, merged, merged.get("seed", 0) + 1), loss_fn)
+            knobs = engine.adapter.knob_parameters()
+            held = [knob.grad for knob in knobs]
             actor_update(engine, batch_for(engine, merged, merged.get("seed", 0) + 2), loss_fn)
+            results[arm]["knob_grads_kept_allocated"] = all(
+                grad is not None and knob.grad is grad for knob, grad in zip(knobs, held))
             results[arm]["state_dict_keys"] = sorted(engine.module.state_dict())
         if merged.get("save_checkpoint"):
             path = merged["save_checkpoint"]

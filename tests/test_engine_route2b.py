@@ -156,6 +156,12 @@ def test_random_v_routes_its_frout_target_through_the_engine(arms, arm, toleranc
     assert metrics["gq/quarantine_grad_norm"] > 0 and metrics["gq/band_width"] > 0
 
 
+def test_route2b_keeps_knob_gradients_allocated_between_steps(arms):
+    """Under route2b the engine zeroes the knob gradients in place (its optimizer_zero_grad), so every step's routed
+    write copies into the same gradient tensors in one batched kernel instead of building a DTensor per knob."""
+    assert arms["route2b_two_steps"]["knob_grads_kept_allocated"] is True
+
+
 def test_routing_metrics_are_reported(arms):
     metrics = arms["route2b"]["metrics"]
     for key in ("gq/frout", "gq/cos_mean", "gq/cos_p10", "gq/cos_p90", "gq/band_lower", "gq/band_upper",
