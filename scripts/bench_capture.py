@@ -51,7 +51,6 @@ def main() -> None:
         log_probs = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
         return -(advantages[:, None] * log_probs * response_mask[:, 1:]).sum(1) / response_mask.sum()
 
-    keep_knobs = [layer.keep_knob for layer in adapter.layers.values()]
 
     def plain() -> None:
         with KnobGradientCapture(adapter, mode="plain"):
@@ -69,7 +68,7 @@ def main() -> None:
     def per_sample() -> None:
         losses = rollout_losses()
         for i in range(args.batch):
-            torch.autograd.grad(losses[i], keep_knobs, retain_graph=i < args.batch - 1)
+            torch.autograd.grad(losses[i], adapter.knob_parameters(), retain_graph=i < args.batch - 1)
 
     runs = {"plain": plain, "stash": lambda: stash(False), "stash+tok": lambda: stash(True), "per-sample": per_sample}
     times: dict[str, list[float]] = {name: [] for name in runs}

@@ -65,11 +65,10 @@ def write_pair_subset(per_mode: int, out_path: str) -> str:
 class ArmSwitch:
     """Points one engine at one arm's code path between steps.
 
-    vanilla = no controller: the engine's plain-capture path, where the quarantine knob is detached and gets no
+    vanilla = no controller: the engine's plain-capture path, where the quarantine row is detached and gets a zero
     gradient, exactly as in an engine built with method vanilla. route2b keeps its knob gradients allocated between
-    steps (the engine zeroes them in place); an engine of method vanilla holds none over, so the vanilla arm runs
-    with them set aside (AdamW then steps the keep knobs only, as vanilla's does) and the next route2b step gets
-    them back."""
+    steps (the engine zeroes them in place); an engine of method vanilla holds none over (verl sets them to None),
+    so the vanilla arm runs with them set aside and the next route2b step gets them back."""
 
     def __init__(self, engine) -> None:
         self.engine, self.controller, self.base_gq = engine, engine.route2b, engine.gq
@@ -289,12 +288,12 @@ def bench_config(model_dir: str, pair_file: str, args, rank, checkpointing: bool
     loss_fn = actor_loss_fn(rollout_n=1, mini_batch=args.n)
     times = {arm: [] for arm in ARMS}
     peaks = {arm: [] for arm in ARMS}
-    knobs_with_grad = {}
+    knobs_stepped = {}
     for arm in ARMS:  # warm-up (allocator, kernels; route2b's first step extracts the direction)
         select_arm(arm)
         grads = actor_update(engine, data, loss_fn, read_grads=True)["grads"]
-        # what AdamW stepped: vanilla the keep knobs only, route2b both (the arms must differ only in routing)
-        knobs_with_grad[arm] = sum(grad is not None for knobs in grads.values() for grad in knobs.values())
+        # the knob tensors AdamW stepped: one (2, r) per module in every arm (the arms must differ only in routing)
+        knobs_stepped[arm] = sum(rows["keep"] is not None for rows in grads.values())
     for _ in range(args.repeats):
         for arm in ARMS:
             select_arm(arm)
@@ -325,7 +324,7 @@ def bench_config(model_dir: str, pair_file: str, args, rank, checkpointing: bool
     if device == "cuda":
         torch.cuda.empty_cache()
     return {"rank": rank, "checkpointing": checkpointing, "micro_batch": micro_batch, "build_seconds": build_seconds,
-            "times": times, "peaks": peaks, "regions": regions, "knobs_with_grad": knobs_with_grad,
+            "times": times, "peaks": peaks, "regions": regions, "knobs_stepped": knobs_stepped,
             "profiles": profiles, "refresh": refresh}
 
 

@@ -81,6 +81,7 @@ def run(model_dir: str, options: dict) -> dict:
             results[arm]["knob_grads_kept_allocated"] = all(
                 grad is not None and knob.grad is grad for knob, grad in zip(knobs, held))
             results[arm]["state_dict_keys"] = sorted(engine.module.state_dict())
+            results[arm]["knobs_after_steps"] = knob_values(engine)
         if merged.get("save_checkpoint"):
             path = merged["save_checkpoint"]
             engine.save_checkpoint(path, global_step=1)

@@ -88,8 +88,8 @@ def run(model_dir: str, options: dict) -> dict:
 
 
 def knob_shard(engine) -> dict:
-    """How FSDP2 holds the first keep knob on this rank: placements, local and full element counts."""
-    knob = next(iter(engine.adapter.layers.values())).keep_knob
+    """How FSDP2 holds the first module's knobs on this rank: placements, local and full element counts."""
+    knob = next(iter(engine.adapter.layers.values())).knobs
     local = knob.to_local() if hasattr(knob, "to_local") else knob
     return {"placements": str(getattr(knob, "placements", None)), "local_numel": local.numel(),
             "numel": knob.numel()}

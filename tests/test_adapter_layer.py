@@ -14,6 +14,7 @@ from verl_gq.adapter import (
     SVDQuarantineLinear,
     inject_quarantine_adapter,
 )
+from verl_gq.adapter.layer import KEEP, QUARANTINE
 
 VOCAB = 97
 RANK = 6
@@ -68,10 +69,10 @@ def test_injection_reuses_base_parameters_keeps_hf_names_and_trains_only_knobs(f
         if name in originals:
             assert parameter is originals[name], f"{name} should be the base model's own Parameter object"
     new_names = set(dict(model.named_parameters())) - set(originals)
-    expected = {f"{m}.{p}" for m in adapter.layers for p in ("basis_u", "basis_v", "keep_knob", "quarantine_knob")}
+    expected = {f"{m}.{p}" for m in adapter.layers for p in ("basis_u", "basis_v", "knobs")}
     assert new_names == expected, "the adapter should add exactly bases and knobs under the adapted module paths"
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{m}.{p}" for m in adapter.layers for p in ("keep_knob", "quarantine_knob")}
+    assert trainable == {f"{m}.knobs" for m in adapter.layers}
     for layer in adapter.layers.values():
         assert isinstance(layer, torch.nn.Linear) and isinstance(layer, SVDQuarantineLinear)
 
@@ -119,17 +120,28 @@ def test_deploy_removes_exactly_the_quarantine_contribution(family, input_ids):
     with torch.no_grad():
         for name, module in reference.named_modules():
             if isinstance(module, SVDQuarantineLinear):
-                module.quarantine_knob.zero_()
+                module.knobs[QUARANTINE].zero_()
     zeroed = logits(reference, input_ids)
     adapter.deploy()
     deployed = logits(model, input_ids)
     assert (trained - deployed).abs().max() > 1e-3, "the quarantine knob should have contributed before deploy"
     assert (deployed - zeroed).abs().max().item() == 0.0, "deployed model should equal the model with quarantine_knob = 0"
     assert (deployed - coefficient_zero).abs().max().item() == 0.0, "deployed model should equal c = 0"
-    assert all(layer.quarantine_knob.abs().max() == 0 for layer in adapter.layers.values())
-    assert not any(layer.quarantine_knob.requires_grad for layer in adapter.layers.values())
+    assert all(layer.knobs[QUARANTINE].abs().max() == 0 for layer in adapter.layers.values())
     with pytest.raises(RuntimeError, match="deploy"):
         adapter.set_quarantine_coefficient(1.0)
+    # the quarantine row shares its parameter with the kept one, so it is not frozen: it gets exactly zero gradient
+    # (c = 0), and AdamW with weight decay leaves a row at 0 that gets none
+    kept_before = torch.stack([layer.knobs[KEEP].detach().clone() for layer in adapter.layers.values()])
+    optimizer = torch.optim.AdamW(adapter.knob_parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        logits(model, input_ids).square().mean().backward()
+        assert all(torch.all(layer.knobs.grad[QUARANTINE] == 0) for layer in adapter.layers.values())
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(layer.knobs[QUARANTINE].abs().max() == 0 for layer in adapter.layers.values())
+    kept_after = torch.stack([layer.knobs[KEEP].detach() for layer in adapter.layers.values()])
+    assert not torch.equal(kept_before, kept_after), "the kept row should still train after deploy"
 
 
 def test_merged_weights_give_the_adapted_model_logits(family, input_ids):
@@ -157,7 +169,7 @@ def test_meta_device_build_takes_broadcast_state(family, input_ids):
     adapter_meta = inject_quarantine_adapter(other, QuarantineAdapterConfig(rank=RANK))
     for name, layer in adapter_meta.layers.items():
         assert layer.basis_u.is_meta and layer.basis_u.shape == adapter0.layers[name].basis_u.shape
-        assert layer.keep_knob.shape == (RANK,) and layer.keep_knob.dtype == torch.float64
+        assert layer.knobs.shape == (2, RANK) and layer.knobs.dtype == torch.float64
     other.to_empty(device="cpu")
     other.load_state_dict(rank0.state_dict())  # what verl's rank-0 broadcast amounts to
     other.model.rotary_emb.inv_freq.copy_(rank0.model.rotary_emb.inv_freq)  # a non-persistent buffer
@@ -177,8 +189,7 @@ def test_save_load_round_trip_restores_knobs_extra_state_and_metadata(family, in
     restored = inject_quarantine_adapter(restored_model, QuarantineAdapterConfig(rank=RANK))
     loaded = restored.load(path)
     for name in adapter.layers:
-        assert torch.equal(adapter.layers[name].keep_knob, restored.layers[name].keep_knob)
-        assert torch.equal(adapter.layers[name].quarantine_knob, restored.layers[name].quarantine_knob)
+        assert torch.equal(adapter.layers[name].knobs, restored.layers[name].knobs)
     assert set(loaded.extra_tensors) == set(extra) and all(torch.equal(loaded.extra_tensors[k], extra[k]) for k in extra)
     assert loaded.metadata == {"run": "unit", "step": "7"}
     assert (logits(restored_model, input_ids) - logits(model, input_ids)).abs().max().item() == 0.0
@@ -247,3 +258,27 @@ def test_target_patterns_select_by_suffix_glob_and_regex():
         "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj",
         "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
     ]
+
+
+def test_a_stored_run_file_loads_into_the_knob_rows_and_saves_back_unchanged(tmp_path):
+    """train.safetensors names each knob on its own (adapter.<module>.keep_knob / .quarantine_knob); a file of the
+    committed H100 study, written when the knobs were two parameters, loads into the rows and saves back equal."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from verl_gq.eval.deploy import load_model_with_knobs
+    from verl_gq.organism.shipped import CHECKPOINT_DIR
+
+    stored = Path(__file__).parents[1] / "docs/results/organism-h100-study/runs/route2b_s41/train.safetensors"
+    _, _, adapter = load_model_with_knobs(str(CHECKPOINT_DIR), stored, "cpu")
+    saved = load_file(str(stored))
+    for name, layer in adapter.layers.items():
+        for row, knob in ((KEEP, "keep_knob"), (QUARANTINE, "quarantine_knob")):
+            assert torch.equal(layer.knobs[row], saved[f"adapter.{name}.{knob}"].to(layer.knobs.dtype)), (name, knob)
+    assert any(layer.knobs[QUARANTINE].abs().max() > 0 for layer in adapter.layers.values()), "a trained quarantine"
+    adapter.save(tmp_path / "again.safetensors")
+    again = load_file(str(tmp_path / "again.safetensors"))
+    knob_keys = {key for key in saved if key.endswith("_knob")}
+    assert knob_keys == {key for key in again if key.endswith("_knob")}
+    assert all(torch.equal(again[key], saved[key].to(again[key].dtype)) for key in knob_keys)

@@ -62,7 +62,7 @@ def _arm_options(tmp: Path, strategy: str, checkpoint: bool) -> dict:
         "micro_batch": 4,
         "strategy": strategy,
         "arms": {
-            "vanilla": {"gq": {"method": "vanilla", "rank": 8}},
+            "vanilla": {"gq": {"method": "vanilla", "rank": 8}, "state_dict_after_two_steps": True},
             "route2b": {"gq": route2b, "extra_fields": labels, **saved},
             "route2b_permuted_labels": {"gq": route2b, "extra_fields": permuted},
             "route2b_token": {"gq": {**route2b, "granularity": "token"}},
@@ -70,6 +70,7 @@ def _arm_options(tmp: Path, strategy: str, checkpoint: bool) -> dict:
             "route2b_planted": {"gq": {**route2b, "pair_file": ""}, "plant_pairs": str(tmp / "planted.jsonl")},
             "vanilla_planted": {"gq": {"method": "vanilla", "rank": 8}, "plant_pairs": str(tmp / "planted.jsonl")},
             "vanilla_padded": {"gq": {"method": "vanilla", "rank": 8}, "remove_padding": False},
+            "route2b_padded": {"gq": route2b, "remove_padding": False},  # batch rows: the broadcast stash
             "route2b_token_padded": {"gq": {**route2b, "granularity": "token"}, "remove_padding": False},
             "route2b_two_steps": {"gq": route2b, "state_dict_after_two_steps": True},
             "random_v": {"gq": {**route2b, "direction_source": "haar", "band_mode": "frout_match",
@@ -115,14 +116,15 @@ def _max_diff(a: dict, b: dict, combine) -> float:
 
 
 def _kept_plus_quarantine(g: dict) -> list[float]:
-    """The knobs' total update; a knob without gradient (vanilla's quarantine) contributes nothing."""
-    return [k + q for k, q in zip(g["keep"], g["quarantine"] or [0.0] * len(g["keep"]))]
+    """The knobs' total update."""
+    return [k + q for k, q in zip(g["keep"], g["quarantine"])]
 
 
 @pytest.mark.parametrize(
     "arm, baseline",
     [("route2b", "vanilla"), ("route2b_token", "vanilla"), ("route2b_checkpointing", "vanilla"),
-     ("route2b_planted", "vanilla_planted"), ("route2b_token_padded", "vanilla_padded"), ("random_v", "vanilla"),
+     ("route2b_planted", "vanilla_planted"), ("route2b_padded", "vanilla_padded"),
+     ("route2b_token_padded", "vanilla_padded"), ("random_v", "vanilla"),
      ("random_v_token", "vanilla")],
 )
 def test_kept_plus_quarantine_equals_vanilla_gradient_through_the_engine(arms, arm, baseline):
@@ -132,9 +134,14 @@ def test_kept_plus_quarantine_equals_vanilla_gradient_through_the_engine(arms, a
 
 
 def test_vanilla_sends_nothing_to_the_quarantine_knob(arms):
+    """The knobs of a module are one (2, r) parameter, so vanilla's quarantine row is stepped too: with exactly zero
+    gradients AdamW (weight decay included) must leave it at exactly 0 while the kept row trains."""
     for name, g in arms["vanilla"]["grads"].items():
-        assert g["quarantine"] is None, f"{name}: the vanilla arm should leave the quarantine knob without gradient"
+        assert all(v == 0 for v in g["quarantine"]), f"{name}: the vanilla arm should send the quarantine knob nothing"
         assert any(v != 0 for v in g["keep"]), f"{name}: the kept knob should receive the whole gradient"
+    for name, knobs in arms["vanilla"]["knobs_after_steps"].items():
+        assert all(v == 0 for v in knobs["quarantine"]), f"{name}: vanilla's steps should leave the quarantine at 0"
+        assert any(v != 0 for v in knobs["keep"]), f"{name}: vanilla's steps should move the kept knob"
 
 
 def test_planted_direction_routes_gradient_mass_into_the_quarantine(arms):
@@ -143,7 +150,7 @@ def test_planted_direction_routes_gradient_mass_into_the_quarantine(arms):
     assert metrics["gq/frout"] > 0.3, f"the planted rollouts' updates should be routed (frout {metrics['gq/frout']})"
     assert metrics["gq/quarantine_grad_norm"] > 0
     for name, g in arms["vanilla_planted"]["grads"].items():
-        assert g["quarantine"] is None, f"{name}: on the same batch, vanilla should route nothing"
+        assert all(v == 0 for v in g["quarantine"]), f"{name}: on the same batch, vanilla should route nothing"
 
 
 @pytest.mark.parametrize("arm, tolerance", [("random_v", 1e-6), ("random_v_token", 0.02)])
@@ -173,7 +180,7 @@ def test_routing_metrics_are_reported(arms):
 def _assert_same_routing(a: dict, b: dict, what: str) -> None:
     """Two runs of one arm route alike: every knob gradient within TOL of scale (GPU kernels need not be bitwise
     deterministic between two engines) and every routing metric but the refresh's wall time."""
-    for combine in (lambda g: g["keep"], lambda g: g["quarantine"] or [0.0] * len(g["keep"])):
+    for combine in (lambda g: g["keep"], lambda g: g["quarantine"]):
         scale = max(max(abs(v) for v in combine(g)) for g in a["grads"].values()) or 1.0
         diff = _max_diff(a["grads"], b["grads"], combine)
         assert diff <= TOL * scale, f"{what}: knob gradients differ by {diff:.3e} (scale {scale:.3e})"
@@ -182,6 +189,12 @@ def _assert_same_routing(a: dict, b: dict, what: str) -> None:
     assert metrics_a.keys() == metrics_b.keys(), f"{what}: different routing metrics"
     for key, value in metrics_a.items():
         assert value == pytest.approx(metrics_b[key], rel=1e-5, abs=1e-6), f"{what}: {key} {value} vs {metrics_b[key]}"
+
+
+def test_padded_batch_rows_route_as_the_packed_batch(arms):
+    """Per rollout, a padded micro-batch stashes by broadcasting over whole batch rows, padding included; a packed one
+    gathers per position. Both must give every rollout the same gradient, hence the same routing."""
+    _assert_same_routing(arms["route2b_padded"], arms["route2b"], "padded (batch rows) against packed")
 
 
 def test_routing_ignores_reward_labels_and_hack_flags(arms):
@@ -200,13 +213,14 @@ def test_resumed_engine_restores_knobs_direction_band_and_step(arms):
 
 
 @pytest.mark.parametrize("arm", ["vanilla", "route2b", "route2b_token", "route2b_checkpointing", "route2b_planted",
-                                 "vanilla_planted", "vanilla_padded", "route2b_token_padded", "random_v"])
+                                 "vanilla_planted", "vanilla_padded", "route2b_padded", "route2b_token_padded",
+                                 "random_v"])
 def test_fsdp1_routes_as_fsdp2_does(fsdp1_and_fsdp2, arm):
     """gq_fsdp (FSDP1, use_orig_params) gives every arm the knob gradients and routing metrics of gq_fsdp2."""
     fsdp1, fsdp2 = fsdp1_and_fsdp2["gq_fsdp"][arm], fsdp1_and_fsdp2["gq_fsdp2"][arm]
     _assert_same_routing(fsdp1, fsdp2, f"{arm}: FSDP1 against FSDP2")
     if arm.startswith("vanilla"):
-        assert all(g["quarantine"] is None for g in fsdp1["grads"].values()), "vanilla: no quarantine gradient"
+        assert all(v == 0 for g in fsdp1["grads"].values() for v in g["quarantine"]), "vanilla: no quarantine gradient"
 
 
 def test_fsdp1_comparison_covers_routed_mass(fsdp1_and_fsdp2):

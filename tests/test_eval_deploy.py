@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from verl_gq.adapter.config import QuarantineAdapterConfig
+from verl_gq.adapter.layer import KEEP, QUARANTINE
 from verl_gq.adapter.model import inject_quarantine_adapter
 from verl_gq.eval.deploy import DeploySettings, evaluate
 from verl_gq.eval.schema import parse_deploy
@@ -26,8 +27,8 @@ def _saved_run(tmp: Path, model_dir: Path, quarantine_scale: float) -> Path:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in adapter.layers.values():
-            layer.keep_knob.copy_(0.1 * torch.randn(layer.rank, generator=generator))
-            layer.quarantine_knob.copy_(quarantine_scale * torch.randn(layer.rank, generator=generator))
+            layer.knobs[KEEP].copy_(0.1 * torch.randn(layer.rank, generator=generator))
+            layer.knobs[QUARANTINE].copy_(quarantine_scale * torch.randn(layer.rank, generator=generator))
     run = tmp / "runs" / "route2b_s41"
     run.mkdir(parents=True)
     config = {"actor_rollout_ref": {"model": {"path": str(model_dir)},

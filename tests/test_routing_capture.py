@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from verl_gq.adapter import QuarantineAdapterConfig, inject_quarantine_adapter
+from verl_gq.adapter import KEEP, QUARANTINE, QuarantineAdapterConfig, inject_quarantine_adapter
 from verl_gq.routing import KnobGradientCapture, Segments
 
 VOCAB = 97
@@ -102,11 +102,17 @@ def rollout_losses(model, inputs, response_mask, example_of_position):
     return ADVANTAGES * losses
 
 
-BATCHES = {"padded": padded_batch, "packed": packed_batch}
+def padded_rows_batch():
+    """The padded layout with each batch row one rollout whole, padding included (no masks): the broadcast stash."""
+    inputs, response_mask, _ = padded_batch()
+    return inputs, response_mask, Segments.padded(*response_mask.shape)
+
+
+BATCHES = {"padded": padded_batch, "padded_rows": padded_rows_batch, "packed": packed_batch}
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("layout", list(BATCHES))
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no_ckpt", "grad_ckpt"])
 @pytest.mark.parametrize("knob_totals", [False, True], ids=["knobs_detached", "knob_totals"])
 def test_captured_rollout_and_token_gradients_equal_per_sample_autograd(family, layout, checkpointing, knob_totals):
@@ -122,36 +128,41 @@ def test_captured_rollout_and_token_gradients_equal_per_sample_autograd(family, 
         rollout_losses(model, inputs, response_mask, segments.example_of_position).sum().backward()
     hook.remove()
     assert len(forward_calls) == (2 if checkpointing else 1), "checkpointing should re-run the forward in backward"
-    per_example, per_token = capture.per_example_gradients(), capture.per_token_gradients()
+    assert segments.batch_rows == (layout == "padded_rows"), "only whole padded rows take the broadcast stash"
+    per_example = capture.per_example_gradients()
     for name, layer in adapter.layers.items():  # FSDP1's post-backward hooks need a knob gradient; FSDP2's do not
         if not knob_totals:
-            assert layer.keep_knob.grad is None and layer.quarantine_knob.grad is None, (
+            assert layer.knobs.grad is None, (
                 "stash mode should keep the knobs out of the backward (the caller writes their gradients)"
             )
             continue
-        assert torch.allclose(layer.keep_knob.grad, per_example[name].sum(0), rtol=0, atol=1e-13), (
+        assert torch.allclose(layer.knobs.grad[KEEP], per_example[name].sum(0), rtol=0, atol=1e-13), (
             "with knob_gradient_totals, stash mode should leave autograd's own dL/dkeep (the stash rows' sum) on "
-            "the keep knob"
+            "the keep row"
         )
-        assert torch.equal(layer.quarantine_knob.grad, layer.keep_knob.grad), "and dL/dquar = c dL/dkeep (c = 1)"
+        assert torch.equal(layer.knobs.grad[QUARANTINE], layer.knobs.grad[KEEP]), "and dL/dquar = c dL/dkeep (c = 1)"
 
     # Per rollout: autograd of each rollout's own loss, ordinary forward (no capture installed).
     losses = rollout_losses(model, inputs, response_mask, segments.example_of_position)
-    keep_knobs = [layer.keep_knob for layer in adapter.layers.values()]
+    knobs = adapter.knob_parameters()
     worst_rollout = 0.0
     for i in range(len(LENGTHS)):
-        reference = torch.autograd.grad(losses[i], keep_knobs, retain_graph=True)
+        reference = torch.autograd.grad(losses[i], knobs, retain_graph=True)
         for name, grad in zip(adapter.layers, reference):
-            worst_rollout = max(worst_rollout, (per_example[name][i] - grad).abs().max().item())
+            worst_rollout = max(worst_rollout, (per_example[name][i] - grad[KEEP]).abs().max().item())
     assert worst_rollout < TOLERANCE, f"captured per-rollout gradients should equal per-sample autograd ({worst_rollout:.2e})"
+
+    if segments.token_positions is None:
+        return
+    per_token = capture.per_token_gradients()
 
     # Per token: autograd gradient of a per-position copy of the knob scale.
     copies = {}
 
     def per_position_copy(name):
-        def apply(a, keep, quarantine, coefficient):
+        def apply(a, knobs, coefficient):
             if name not in copies:
-                scale = (keep + coefficient * quarantine).detach()
+                scale = (knobs[KEEP] + coefficient * knobs[QUARANTINE]).detach()
                 copies[name] = scale.expand(a.numel() // RANK, RANK).clone().requires_grad_(True)
             return a * copies[name].reshape(a.shape)
 
@@ -203,10 +214,11 @@ def test_plain_mode_sends_the_whole_gradient_to_the_keep_knob_and_stash_serves_b
         loss().backward()
     stash = capture.per_example_gradients()
     for name, layer in adapter.layers.items():
-        keep, quarantine = autograd[id(layer.keep_knob)], autograd[id(layer.quarantine_knob)]
+        keep, quarantine = autograd[id(layer.knobs)]
         assert torch.allclose(quarantine, 0.5 * keep, rtol=0, atol=1e-15), "dL/dquar should be c * dL/dkeep"
-        assert torch.allclose(plain[id(layer.keep_knob)], keep, rtol=0, atol=1e-15), "plain: keep gets the whole gradient"
-        assert plain[id(layer.quarantine_knob)] is None, "plain (vanilla) mode should give the quarantine knob nothing"
+        plain_keep, plain_quarantine = plain[id(layer.knobs)]
+        assert torch.allclose(plain_keep, keep, rtol=0, atol=1e-15), "plain: keep gets the whole gradient"
+        assert torch.all(plain_quarantine == 0), "plain (vanilla) mode should give the quarantine knob nothing"
         assert torch.allclose(stash[name].sum(0), keep, rtol=0, atol=1e-14), "stash rows should sum to dL/dkeep"
 
 
@@ -220,6 +232,10 @@ def test_capture_rejects_bad_use_clearly():
         model(**inputs, use_cache=False)
     with capture, pytest.raises(ValueError, match="positions .* but the segments describe"):
         capture.set_segments(Segments.padded(2, 3))
+        model(**inputs, use_cache=False)
+    n, length = response_mask.shape
+    with capture, pytest.raises(ValueError, match=f"describe {length} batch rows of {n * length}"):
+        capture.set_segments(Segments.padded(length, n))  # as many positions, other rows: no broadcast fits
         model(**inputs, use_cache=False)
     with capture:
         capture.set_segments(segments)
@@ -237,12 +253,14 @@ def test_capture_rejects_bad_use_clearly():
         Segments.packed(torch.tensor([0, 5]), 8, token_mask=torch.ones(8, dtype=torch.bool))
 
 
-def test_stash_saves_at_most_one_gathered_scale_per_module_in_the_activations_dtype():
+@pytest.mark.parametrize("layout", ["padded", "padded_rows"])
+def test_stash_saves_at_most_one_gathered_scale_per_module_in_the_activations_dtype(layout):
     """The stash's memory beyond vanilla's: per module, autograd keeps the gathered per-position scale (positions x r,
     in the activations' dtype: bf16 here) instead of plain mode's (r,) scale, plus one shared row index. At r = 64
-    that is 64 x 2 bytes per position and module; a float32 copy, or anything saved per token beyond it, fails."""
+    that is 64 x 2 bytes per position and module; a float32 copy, or anything saved per token beyond it, fails.
+    Whole batch rows save only their (batch, 1, r) scale rows instead of plain mode's (r,) scale."""
     model, adapter = tiny_adapted_model("qwen3", checkpointing=False, dtype=torch.bfloat16)
-    inputs, _, segments = padded_batch()
+    inputs, _, segments = BATCHES[layout]()
     parameters = {p.data_ptr() for p in model.parameters()}
 
     def saved_for_backward(mode):
@@ -262,6 +280,11 @@ def test_stash_saves_at_most_one_gathered_scale_per_module_in_the_activations_dt
 
     plain, stash = saved_for_backward("plain"), saved_for_backward("stash")
     only_stash = list((Counter(stash) - Counter(plain)).elements())
+    if segments.batch_rows:
+        rows = ((segments.n_examples, 1, RANK), torch.bfloat16)
+        assert only_stash and all(entry == rows for entry in only_stash), f"batch rows should save {rows}: {only_stash}"
+        assert len(only_stash) <= len(adapter.layers), f"at most one scale-row leaf per module ({len(only_stash)})"
+        return
     gathered = [entry for entry in only_stash if entry != ((segments.n_positions,), torch.int64)]
     assert len(only_stash) - len(gathered) <= 1, f"stash mode should save one row index, saved {only_stash}"
     assert gathered and all(entry == ((*inputs["input_ids"].shape, RANK), torch.bfloat16) for entry in gathered), (

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from verl_gq.adapter import QuarantineAdapterConfig, inject_quarantine_adapter
+from verl_gq.adapter import KEEP, QuarantineAdapterConfig, inject_quarantine_adapter
 from verl_gq.routing import (
     Band,
     GradientRouter,
@@ -102,12 +102,11 @@ def live_rollouts(seed):
 
 def autograd_completion_gradients(model, adapter, prompt: list[int], completion: list[int]) -> dict:
     """{module: (r,)} d log p(completion | prompt) / d keep-knob, by one plain autograd call on this sequence alone."""
-    keep_knobs = [layer.keep_knob for layer in adapter.layers.values()]
     ids = torch.tensor([prompt + completion])
     log_probs = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1], -1)
     targets = ids[0, 1:]
     log_p = log_probs[len(prompt) - 1 :].gather(-1, targets[len(prompt) - 1 :, None]).sum()
-    return dict(zip(adapter.layers, torch.autograd.grad(log_p, keep_knobs)))
+    return {name: grad[KEEP] for name, grad in zip(adapter.layers, torch.autograd.grad(log_p, adapter.knob_parameters()))}
 
 
 def test_pair_gradients_equal_per_sample_autograd_of_completion_log_prob(setup):
@@ -127,8 +126,8 @@ def test_pair_gradients_equal_per_sample_autograd_of_completion_log_prob(setup):
         adapter.knob_gradient_totals = False
     for name, layer in adapter.layers.items():
         total = few.hack[name].sum(0) + few.clean[name].sum(0)
-        assert torch.allclose(layer.keep_knob.grad, total, rtol=0, atol=1e-13), (
-            "with knob_gradient_totals, the keep knob's .grad should hold autograd's own total: the stashed rows' sum"
+        assert torch.allclose(layer.knobs.grad[KEEP], total, rtol=0, atol=1e-13), (
+            "with knob_gradient_totals, the keep row's .grad should hold autograd's own total: the stashed rows' sum"
         )
     for knob in adapter.knob_parameters():
         knob.grad = None
@@ -243,7 +242,7 @@ def test_kept_plus_quarantine_equals_vanilla_gradient(setup, granularity):
         for rollouts, advantages in micro_batches:
             inputs, response_mask, _ = micro_batch(rollouts)
             policy_loss(model, inputs, response_mask, advantages).backward()
-    vanilla = {name: layer.keep_knob.grad.clone() for name, layer in adapter.layers.items()}
+    vanilla = {name: layer.knobs.grad[KEEP].clone() for name, layer in adapter.layers.items()}
     for p in adapter.knob_parameters():
         p.grad = None
 
@@ -264,8 +263,8 @@ def test_kept_plus_quarantine_equals_vanilla_gradient(setup, granularity):
     assert 0.0 < routed.metrics["frout"] < 1.0, "the planted rollouts should route part, not all, of the mass"
     assert routed.metrics["n_examples"] == 2 * 13
     for name, layer in adapter.layers.items():
-        assert torch.equal(layer.keep_knob.grad, routed.kept[name]) and torch.equal(layer.quarantine_knob.grad, routed.quarantine[name])
-        layer.keep_knob.grad = layer.quarantine_knob.grad = None
+        assert torch.equal(layer.knobs.grad, torch.stack([routed.kept[name], routed.quarantine[name]]))
+        layer.knobs.grad = None
 
 
 def test_degenerate_band_routes_nothing_and_is_reported(setup):
@@ -398,12 +397,12 @@ def test_fit_is_deterministic_refresh_follows_the_weights_and_sharding_gathers_a
     assert haar_calibration.band.width < calibration.band.width
     layer = next(iter(adapter.layers.values()))
     with torch.no_grad():
-        layer.keep_knob.add_(0.5)
+        layer.knobs[KEEP].add_(0.5)
     try:
         refreshed, _ = fit_direction_and_band(model, adapter, pairs, seed=0)
     finally:
         with torch.no_grad():
-            layer.keep_knob.sub_(0.5)
+            layer.knobs[KEEP].sub_(0.5)
     assert not torch.allclose(refreshed[next(iter(direction))], direction[next(iter(direction))]), "refresh reads current weights"
 
 
@@ -425,8 +424,8 @@ def test_gate_and_router_read_nothing_on_the_host_before_finish_reads_once(granu
             tokens = {name: torch.empty(9, r, device=meta) for name, r in ranks.items()}
             example_of_token = torch.empty(9, dtype=torch.long, device=meta)
             router.add_tokens(rollout_gate, gate(tokens, direction, band), example_of_token)
-    kept, quarantine, names, scalars = router._reduce_on_device(reduce=lambda flat: flat * 2, grad_scale=0.5)
-    assert kept.shape == quarantine.shape == (8,) and kept.device == meta
+    knob_grads, names, scalars = router._reduce_on_device(reduce=lambda flat: flat * 2, grad_scale=0.5)
+    assert knob_grads.shape == (2, 8) and knob_grads.device == meta
     assert scalars.shape == (len(names),)
     with pytest.raises((NotImplementedError, RuntimeError)):  # the one host read, which meta cannot serve
         router.finish()

@@ -4,11 +4,13 @@ Imports torch and safetensors only (no verl), so the method can be tested and re
 """
 
 from verl_gq.adapter.config import DEFAULT_TARGET_MODULES, AdapterConfigError, QuarantineAdapterConfig
-from verl_gq.adapter.layer import SVDQuarantineLinear
+from verl_gq.adapter.layer import KEEP, QUARANTINE, SVDQuarantineLinear
 from verl_gq.adapter.model import AdapterFile, AdapterLoadError, QuarantineAdapter, inject_quarantine_adapter
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
+    "KEEP",
+    "QUARANTINE",
     "AdapterConfigError",
     "AdapterFile",
     "AdapterLoadError",

@@ -1,8 +1,11 @@
 """`SVDQuarantineLinear`: a linear layer with two diagonal knobs in the top-r SVD basis of its own weight.
 
     a = x V_r                                   (r per token)
-    h = a * (keep_knob + c * quarantine_knob)    (c: quarantine coefficient, 1 in training, 0 deployed)
+    h = a * (keep + c * quarantine)             (c: quarantine coefficient, 1 in training, 0 deployed)
     y = x W^T + b + h U_r^T
+
+The two knobs are the rows of one (2, r) parameter, `knobs[KEEP]` and `knobs[QUARANTINE]`: the optimizer, gradient
+clipping and zeroing then see one small tensor per module instead of two (their cost is per tensor, not per entry).
 
 The layer replaces the targeted `nn.Linear` at the same module path and reuses its `weight` and `bias` Parameter
 objects, so the base weight keeps its Hugging Face name (`...q_proj.weight`) for checkpointing and weight sync.
@@ -16,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (a, keep_knob, quarantine_knob, quarantine_coefficient) -> h. The routing capture installs one of these to see
-# the knob gradients in the backward; None means the ordinary product.
-KnobApplication = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+KEEP, QUARANTINE = 0, 1  # rows of SVDQuarantineLinear.knobs
+
+# (a, knobs, quarantine_coefficient) -> h. The routing capture installs one of these to see the knob gradients in the
+# backward; None means the ordinary product.
+KnobApplication = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 def knob_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
@@ -45,7 +50,8 @@ class SVDQuarantineLinear(nn.Linear):
       weight, bias: the base layer's own Parameter objects (not copies).
       basis_u (d_out x r), basis_v (d_in x r): top-r left/right singular vectors of the base weight at
         construction, `requires_grad=False`. Parameters rather than buffers so FSDP shards them.
-      keep_knob, quarantine_knob (r,): zeros at construction, so the layer equals the base exactly.
+      knobs (2, r): row KEEP the kept knob, row QUARANTINE the quarantine knob; zeros at construction, so the layer
+        equals the base exactly.
 
     State (plain attributes, set by `QuarantineAdapter`):
       quarantine_coefficient: c in the forward.
@@ -77,8 +83,7 @@ class SVDQuarantineLinear(nn.Linear):
         self.basis_u = nn.Parameter(torch.empty(d_out, rank, device=device, dtype=dtype), requires_grad=False)
         self.basis_v = nn.Parameter(torch.empty(d_in, rank, device=device, dtype=dtype), requires_grad=False)
         knob_dtype = knob_dtype_for(dtype)
-        self.keep_knob = nn.Parameter(torch.zeros(rank, device=device, dtype=knob_dtype))
-        self.quarantine_knob = nn.Parameter(torch.zeros(rank, device=device, dtype=knob_dtype))
+        self.knobs = nn.Parameter(torch.zeros(2, rank, device=device, dtype=knob_dtype))
         self.quarantine_coefficient: float = 1.0
         self.adapter_enabled: bool = True
         self.knob_application: Optional[KnobApplication] = None
@@ -98,7 +103,8 @@ class SVDQuarantineLinear(nn.Linear):
 
     def knob_scale(self) -> torch.Tensor:
         """keep + c * quarantine: the diagonal of the layer's update in the SVD basis."""
-        return self.keep_knob + self.quarantine_coefficient * self.quarantine_knob
+        keep, quarantine = self.knobs.unbind(0)
+        return torch.add(keep, quarantine, alpha=self.quarantine_coefficient)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -108,7 +114,7 @@ class SVDQuarantineLinear(nn.Linear):
         if self.knob_application is None:
             h = a * self.knob_scale().to(a.dtype)
         else:
-            h = self.knob_application(a, self.keep_knob, self.quarantine_knob, self.quarantine_coefficient)
+            h = self.knob_application(a, self.knobs, self.quarantine_coefficient)
         return y + torch.matmul(h, self.basis_u.T)
 
     @torch.no_grad()
@@ -118,7 +124,8 @@ class SVDQuarantineLinear(nn.Linear):
         Under FSDP2 the parameters are DTensors: they are gathered here (a collective every rank must join in the
         same order)."""
         weight, u, v = full_tensor(self.weight), full_tensor(self.basis_u), full_tensor(self.basis_v)
-        scale = full_tensor(self.keep_knob) + quarantine_coefficient * full_tensor(self.quarantine_knob)
+        keep, quarantine = full_tensor(self.knobs)
+        scale = keep + quarantine_coefficient * quarantine
         work = torch.promote_types(weight.dtype, torch.float32)
         delta = (u.to(work) * scale.to(work)) @ v.to(work).T
         return (weight.to(work) + delta).to(weight.dtype)

@@ -15,11 +15,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from verl_gq.adapter.config import AdapterConfigError, QuarantineAdapterConfig, pattern_matches
-from verl_gq.adapter.layer import SVDQuarantineLinear, full_tensor
+from verl_gq.adapter.layer import KEEP, QUARANTINE, SVDQuarantineLinear, full_tensor
 
+# The file names each knob on its own (adapter.<module>.keep_knob / .quarantine_knob), whatever the in-memory layout.
 FILE_FORMAT = "verl_gq.quarantine_adapter/1"
 # Parameters that belong to the adapter, not to the Hugging Face model (excluded from merged weights).
-ADAPTER_PARAMETER_NAMES = ("basis_u", "basis_v", "keep_knob", "quarantine_knob")
+ADAPTER_PARAMETER_NAMES = ("basis_u", "basis_v", "knobs")
 FINGERPRINT_PROBES = 4
 FINGERPRINT_MIN_COSINE = 0.999
 
@@ -67,7 +68,7 @@ def inject_quarantine_adapter(
         setattr(model.get_submodule(parent_name), child_name, layer)
         layers[name] = layer
     if config.freeze_base:
-        knobs = {id(p) for layer in layers.values() for p in (layer.keep_knob, layer.quarantine_knob)}
+        knobs = {id(layer.knobs) for layer in layers.values()}
         for parameter in model.parameters():
             if id(parameter) not in knobs:
                 parameter.requires_grad_(False)
@@ -96,8 +97,8 @@ class QuarantineAdapter:
         return list(self.layers)
 
     def knob_parameters(self) -> list[nn.Parameter]:
-        """keep and quarantine knobs of every layer (what the optimizer trains)."""
-        return [p for layer in self.layers.values() for p in (layer.keep_knob, layer.quarantine_knob)]
+        """The (2, r) knobs (keep, quarantine) of every layer: what the optimizer trains."""
+        return [layer.knobs for layer in self.layers.values()]
 
     # --- switches -------------------------------------------------------------------------------------------
 
@@ -140,11 +141,15 @@ class QuarantineAdapter:
 
     @torch.no_grad()
     def deploy(self) -> None:
-        """Remove the quarantine for good: quarantine knobs set to exactly 0, frozen, and c fixed at 0."""
+        """Remove the quarantine for good: quarantine knobs set to exactly 0 and c fixed at 0.
+
+        The quarantine row then acts in no forward, so it receives a zero gradient, which a fresh optimizer turns into
+        no update. It shares its parameter with the kept row, so it is not frozen on its own: deploy for evaluation and
+        export, after training. Pending knob gradients are dropped."""
         for layer in self.layers.values():
-            layer.quarantine_knob.zero_()
-            layer.quarantine_knob.requires_grad_(False)
-            layer.quarantine_knob.grad = None
+            knobs = full_tensor(layer.knobs)
+            _copy_into(layer.knobs, torch.stack([knobs[KEEP], torch.zeros_like(knobs[QUARANTINE])]))
+            layer.knobs.grad = None
             layer.quarantine_coefficient = 0.0
         self.deployed = True
 
@@ -191,8 +196,9 @@ class QuarantineAdapter:
         tensors: dict[str, torch.Tensor] = {}
         fingerprints = self.basis_fingerprints()
         for name, layer in self.layers.items():
-            tensors[f"adapter.{name}.keep_knob"] = full_tensor(layer.keep_knob)
-            tensors[f"adapter.{name}.quarantine_knob"] = full_tensor(layer.quarantine_knob)
+            knobs = full_tensor(layer.knobs)
+            tensors[f"adapter.{name}.keep_knob"] = knobs[KEEP]
+            tensors[f"adapter.{name}.quarantine_knob"] = knobs[QUARANTINE]
             tensors[f"adapter.{name}.basis_fingerprint"] = fingerprints[name]
         for key, value in (extra_tensors or {}).items():
             if not isinstance(value, torch.Tensor):
@@ -247,8 +253,11 @@ class QuarantineAdapter:
                     f"{FINGERPRINT_MIN_COSINE}): the knobs were trained on another base model and mean nothing here"
                 )
         for name, layer in self.layers.items():
-            _copy_into(layer.keep_knob, tensors[f"adapter.{name}.keep_knob"])
-            _copy_into(layer.quarantine_knob, tensors[f"adapter.{name}.quarantine_knob"])
+            rows = [tensors[f"adapter.{name}.{knob}"] for knob in ("keep_knob", "quarantine_knob")]
+            if any(row.shape != (layer.rank,) for row in rows):
+                raise AdapterLoadError(f"{path}: {name}'s knobs have shapes {[tuple(r.shape) for r in rows]}, this "
+                                       f"model's are ({layer.rank},)")
+            _copy_into(layer.knobs, torch.stack(rows))
         extra = {key[len("extra.") :]: value for key, value in tensors.items() if key.startswith("extra.")}
         user_meta = {k: v for k, v in meta.items() if not k.startswith("verl_gq.")}
         return AdapterFile(extra_tensors=extra, metadata=user_meta)

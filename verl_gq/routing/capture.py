@@ -9,14 +9,17 @@ h_t = a_t * scale_rows[row(t)], where `scale_rows` is an (n_rows x r) autograd l
 from the knobs) in every row: the forward is unchanged, and autograd's own backward of the gather (an index_add)
 leaves sum_{t in row} a_t * b_t in `scale_rows.grad`, one row per example, in C++ with no Python per module in the
 backward. A row is an example, or, per token, a stashed token position (its own row) and each example's other
-positions (the example's remainder row). Gradient checkpointing re-runs the forward against the same leaf, so
-nothing changes under it. dL/dkeep = sum_t g_t and dL/dquar = c * dL/dkeep, so one stash serves both knobs.
+positions (the example's remainder row). When every batch row of a padded micro-batch is one example whole
+(`Segments.batch_rows`), the leaf is (n_examples x 1 x r) and multiplies by broadcasting: no gather, and the backward
+is the same reduction vanilla's knob gradient is, per batch row. Gradient checkpointing re-runs the forward against
+the same leaf, so nothing changes under it. dL/dkeep = sum_t g_t and dL/dquar = c * dL/dkeep, so one stash serves
+both knobs.
 
 The knobs themselves stay out of this backward (the caller writes their routed gradients), which saves each module
 autograd's total nodes. A wrapper whose backward hooks need every knob to receive a gradient (FSDP1: it restores
 its parameters in post-backward hooks that fire only for flat parameters that get one) sets the adapter's
 `knob_gradient_totals`: the leaf then holds zeros added to the live scale, and the knobs' `.grad` receive autograd's
-totals (keep: dL/dkeep, quarantine: c dL/dkeep), for the caller to replace.
+totals (keep row: dL/dkeep, quarantine row: c dL/dkeep), for the caller to replace.
 """
 
 from __future__ import annotations
@@ -66,12 +69,15 @@ class Segments:
     row_of_position: (n_positions,) the stash row each position's gradient lands in: token j of token_positions in
         row j, any other position of example i in row n_tokens + i, a position of no example in the last row
         (dropped). Derived from the above when not given.
+    batch_rows: the positions are a padded (n_examples, seq) batch and every position of batch row i belongs to
+        example i (no token stash): the stash broadcasts one scale row over each batch row instead of gathering.
     """
 
     example_of_position: torch.Tensor
     n_examples: int
     token_positions: Optional[torch.Tensor] = None
     row_of_position: Optional[torch.Tensor] = None
+    batch_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.row_of_position is None:
@@ -105,7 +111,7 @@ class Segments:
         """The same segments on `device` (built where the batch's offsets live, used where the activations are)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Segments(move(self.example_of_position), self.n_examples, move(self.token_positions),
-                        move(self.row_of_position))
+                        move(self.row_of_position), self.batch_rows)
 
     @classmethod
     def padded(
@@ -119,13 +125,16 @@ class Segments:
         """A padded (batch, seq) micro-batch: row b is example b.
 
         position_mask (batch, seq): positions that belong to their row's example (e.g. the attention mask); other
-            positions are counted nowhere. Padding carries exactly zero gradient anyway, so this only matters for
-            clarity and for models that let padding influence real tokens.
+            positions are counted nowhere. Without it every position of row b counts to example b. The padding of a
+            causal LM (masked out of the loss and attended by no real token) carries exactly zero gradient, so that
+            changes no example's gradient, and with no token_mask either the stash needs no gather (`batch_rows`).
         token_mask (batch, seq): positions whose per-token gradients are stashed (e.g. the response mask).
         """
         masks = [m for m in (position_mask, token_mask) if m is not None]
         device = device or (masks[0].device if masks else None)
         rows = torch.arange(batch_size, device=device).repeat_interleave(seq_len)
+        if not masks:
+            return cls(rows, batch_size, batch_rows=True)
         if position_mask is not None:
             _check_mask("position_mask", position_mask, (batch_size, seq_len))
             rows = torch.where(position_mask.reshape(-1).bool(), rows, batch_size)
@@ -166,13 +175,14 @@ class Segments:
 class KnobGradientCapture:
     """Installs itself on every layer of an adapter for the duration of a `with` block.
 
-    mode "plain": the vanilla path. Ordinary autograd; the keep knob's `.grad` receives the whole gradient and the
-        quarantine knob none (its value still acts in the forward). Nothing is stashed.
+    mode "plain": the vanilla path. Ordinary autograd; the knobs' `.grad` receive the whole gradient in the keep row
+        and zeros in the quarantine row (its value still acts in the forward). Nothing is stashed.
     mode "stash": after each backward, `example_rows()` holds the (n_examples, sum r) gradients dL/dkeep of each
         example, and with `Segments.token_positions` set, `token_rows()` the (n_tokens, sum r) per-position terms.
-        Stashes are float32 at least and accumulate over repeated backwards until the next `set_segments`. The
+        Stashes are float32 at least (batch rows: each example's sum is reduced in the activations' dtype, as
+        vanilla's knob gradient is) and accumulate over repeated backwards until the next `set_segments`. The
         knobs' `.grad` are left as they are, unless the adapter's `knob_gradient_totals` is set: then they receive
-        autograd's own totals (keep: dL/dkeep, quarantine: c dL/dkeep), for the caller to replace.
+        autograd's own totals (keep row: dL/dkeep, quarantine row: c dL/dkeep), for the caller to replace.
 
     Call `set_segments` before each micro-batch's forward; the segments active at a module's forward are the ones
     its backward uses (so a recomputed forward under checkpointing sees the same ones).
@@ -185,7 +195,7 @@ class KnobGradientCapture:
         self.mode = mode
         self.segments: Optional[Segments] = None
         self._stash_dtype = torch.promote_types(adapter.knob_parameters()[0].dtype, torch.float32)
-        self._scale_rows: dict[str, torch.Tensor] = {}  # module -> its (n_rows, r) leaf this micro-batch
+        self._scale_rows: dict[str, torch.Tensor] = {}  # module -> its leaf this micro-batch
         self._zero: Optional[torch.Tensor] = None  # the scalar the knob_gradient_totals leaves expand
         self._installed = False
 
@@ -217,8 +227,9 @@ class KnobGradientCapture:
         segments = self.segments
         n_tokens, n_examples = segments.n_tokens, segments.n_examples
         names = tuple(stash)
-        ranks = tuple(grad.shape[1] for grad in stash.values())
-        flat = torch.cat(list(stash.values()), dim=1)  # (n_rows, sum r): one copy, then views
+        grads = [grad.view(-1, grad.shape[-1]) for grad in stash.values()]  # (n_rows, r); batch rows: (n, 1, r)
+        ranks = tuple(grad.shape[1] for grad in grads)
+        flat = torch.cat(grads, dim=1).to(self._stash_dtype)  # (n_rows, sum r): one copy, then views
         if segments.token_positions is None:
             return ModuleRows(flat[:n_examples], names, ranks), None
         tokens = flat[:n_tokens]
@@ -248,22 +259,24 @@ class KnobGradientCapture:
             )
         return stash
 
-    def _apply_plain(self, name: str, a: torch.Tensor, keep: torch.Tensor, quar: torch.Tensor,
-                     coefficient: float) -> torch.Tensor:
-        return a * (keep + coefficient * quar.detach()).to(a.dtype)
+    def _apply_plain(self, name: str, a: torch.Tensor, knobs: torch.Tensor, coefficient: float) -> torch.Tensor:
+        keep, quarantine = knobs.unbind(0)
+        return a * torch.add(keep, quarantine.detach(), alpha=coefficient).to(a.dtype)
 
-    def _apply_stash(self, name: str, a: torch.Tensor, keep: torch.Tensor, quar: torch.Tensor,
-                     coefficient: float) -> torch.Tensor:
+    def _apply_stash(self, name: str, a: torch.Tensor, knobs: torch.Tensor, coefficient: float) -> torch.Tensor:
         scale_rows = self._scale_rows.get(name)
         if scale_rows is None:  # first forward of this module in this micro-batch (a recompute finds it)
-            scale_rows = self._scale_rows[name] = self._new_scale_rows(name, a, keep, quar, coefficient)
+            scale_rows = self._scale_rows[name] = self._new_scale_rows(name, a, knobs, coefficient)
         if self.adapter.knob_gradient_totals:
-            scale_rows = torch.add(keep, quar, alpha=coefficient) + scale_rows
-        # (n_rows, r) in the stash dtype; gathered per position, then in the activations' dtype like vanilla's scale
+            keep, quarantine = knobs.unbind(0)
+            scale_rows = torch.add(keep, quarantine, alpha=coefficient) + scale_rows
+        # in the stash dtype; in the activations' dtype like vanilla's scale. Batch rows: (n, 1, r) broadcast over
+        # each row's positions; else (n_rows, r) gathered per position
+        if self.segments.batch_rows:
+            return a * scale_rows.to(a.dtype)
         return a * scale_rows.index_select(0, self.segments.row_of_position).to(a.dtype).view(a.shape)
 
-    def _new_scale_rows(self, name: str, a: torch.Tensor, keep: torch.Tensor, quar: torch.Tensor,
-                        coefficient: float) -> torch.Tensor:
+    def _new_scale_rows(self, name: str, a: torch.Tensor, knobs: torch.Tensor, coefficient: float) -> torch.Tensor:
         segments = self.segments
         if segments is None:
             raise RuntimeError("stash capture needs set_segments(...) before the forward")
@@ -273,20 +286,25 @@ class KnobGradientCapture:
                 "build Segments on the model's device"
             )
         positions = a.numel() // a.shape[-1]
-        if positions != segments.n_positions:
+        rows_fit = not segments.batch_rows or (a.dim() == 3 and a.shape[0] == segments.n_examples)
+        if positions != segments.n_positions or not rows_fit:
+            layout = f"{segments.n_examples} batch rows of " if segments.batch_rows else ""
             raise ValueError(
                 f"{name}: the input has {positions} positions (shape {tuple(a.shape[:-1])}) but the segments "
-                f"describe {segments.n_positions}; set_segments must describe this micro-batch"
+                f"describe {layout}{segments.n_positions}; set_segments must describe this micro-batch"
             )
         # an expanded vector (scale) or scalar (zero): no memory, and autograd allocates the gradient (the stash) at
-        # its full size
+        # its full size. Batch rows hold the scale in the activations' dtype, as vanilla's product casts it: the
+        # backward reduces each row in that dtype either way (stashed_rows casts up), and the forward needs no cast.
         if self.adapter.knob_gradient_totals:
             if self._zero is None or self._zero.device != a.device:
                 self._zero = torch.zeros((), device=a.device, dtype=self._stash_dtype)
             value = self._zero
         else:
-            value = torch.add(keep.detach(), quar.detach(), alpha=coefficient).to(self._stash_dtype)
-        return value.expand(segments.n_rows, a.shape[-1]).requires_grad_()
+            keep, quarantine = knobs.detach().unbind(0)
+            value = torch.add(keep, quarantine, alpha=coefficient).to(a.dtype if segments.batch_rows else self._stash_dtype)
+        shape = (segments.n_examples, 1, a.shape[-1]) if segments.batch_rows else (segments.n_rows, a.shape[-1])
+        return value.expand(shape).requires_grad_()
 
 
 def _check_mask(what: str, mask: torch.Tensor, shape: tuple[int, ...]) -> None:

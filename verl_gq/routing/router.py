@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from verl_gq.adapter.layer import KEEP, QUARANTINE
 from verl_gq.adapter.model import QuarantineAdapter
 from verl_gq.routing.gate import GateResult
 
@@ -25,11 +26,19 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class RoutedGradients:
-    """Full (unsharded) per-module gradients for the two knobs, and the step's routing metrics."""
+    """Full (unsharded) per-module (2, r) gradients of the knobs (row KEEP: kept, row QUARANTINE: quarantine), shaped
+    like each layer's `knobs`, and the step's routing metrics."""
 
-    kept: dict[str, torch.Tensor]
-    quarantine: dict[str, torch.Tensor]
+    knob_grads: dict[str, torch.Tensor]
     metrics: dict[str, float]
+
+    @property
+    def kept(self) -> dict[str, torch.Tensor]:
+        return {name: grad[KEEP] for name, grad in self.knob_grads.items()}
+
+    @property
+    def quarantine(self) -> dict[str, torch.Tensor]:
+        return {name: grad[QUARANTINE] for name, grad in self.knob_grads.items()}
 
 
 class GradientRouter:
@@ -84,7 +93,7 @@ class GradientRouter:
         sums travel together, one collective). grad_scale multiplies the reduced gradients, e.g. 1/world_size to
         match FSDP's gradient averaging. Score percentiles are over this rank's units only.
         """
-        kept_flat, quarantine_flat, names, scalars = self._reduce_on_device(reduce, grad_scale)
+        knob_grads, names, scalars = self._reduce_on_device(reduce, grad_scale)
         values = dict(zip(names, scalars.tolist()))  # the step's one host sync: every metric at once
         if values["n_nonfinite"]:
             self._reset()
@@ -104,17 +113,15 @@ class GradientRouter:
                 band_lower=self._last_band.lower, band_upper=self._last_band.upper, band_width=self._last_band.width
             )
         metrics.update({name: value for name, value in values.items() if name.startswith(SCORE_PREFIXES)})
-        ranks = self._ranks
-        kept = dict(zip(self.module_names, kept_flat.split(ranks)))
-        quarantine = dict(zip(self.module_names, quarantine_flat.split(ranks)))
+        per_module = dict(zip(self.module_names, knob_grads.split(self._ranks, dim=1)))
         self._reset()
-        return RoutedGradients(kept, quarantine, metrics)
+        return RoutedGradients(per_module, metrics)
 
     def _reduce_on_device(self, reduce: Optional[Reduce], grad_scale: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+                          ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """finish's device half, with no host sync (tests run it on the meta device, where a host read raises): the
-        reduced and scaled (sum r,) kept and quarantine gradients, the metrics' names, and their values in one
-        float64 tensor in that order."""
+        reduced and scaled (2, sum r) gradients (rows KEEP and QUARANTINE), the metrics' names, and their values in
+        one float64 tensor in that order."""
         if self._kept is None:
             raise RuntimeError("nothing to finish: add at least one micro-batch")
         reference = self._kept
@@ -129,8 +136,9 @@ class GradientRouter:
                 raise ValueError(f"reduce returned shape {tuple(reduced.shape)}, should be {tuple(flat.shape)}")
             flat = reduced
         total_rank = sum(self._ranks)
-        kept_flat, quarantine_flat = flat[:total_rank] * grad_scale, flat[total_rank : 2 * total_rank] * grad_scale
-        norms = torch.stack([kept_flat.double().norm(), quarantine_flat.double().norm()])
+        # rows KEEP = 0 and QUARANTINE = 1: the order _kept and _quarantine went into flat
+        knob_grads = flat[: 2 * total_rank].view(2, total_rank) * grad_scale
+        norms = knob_grads.double().norm(dim=1)
         named = {  # names -> their values, side by side
             ("routed_mass", "total_mass", "n_examples", "n_gated", "n_degenerate", "n_nonfinite"):
                 flat[2 * total_rank :].double(),
@@ -141,7 +149,7 @@ class GradientRouter:
             if stats is not None:
                 named[tuple(f"{prefix}_{stat}" for stat in SCORE_STATS)] = stats
         names = [name for group in named for name in group]
-        return kept_flat, quarantine_flat, names, torch.cat(list(named.values()))
+        return knob_grads, names, torch.cat(list(named.values()))
 
     def _check(self, result: GateResult, what: str) -> None:
         if list(result.grads.modules) != self.module_names:
@@ -172,16 +180,16 @@ class GradientRouter:
 
 @torch.no_grad()
 def write_knob_grads(adapter: QuarantineAdapter, routed: RoutedGradients) -> None:
-    """Default writer for plain (non-DTensor) knobs: the routed gradients become keep_knob.grad and
-    quarantine_knob.grad, replacing whatever is there (autograd's unrouted totals under `knob_gradient_totals`). Under
-    FSDP2 the knobs are DTensors and the engine must place the full tensors on their shards itself."""
+    """Default writer for plain (non-DTensor) knobs: the routed gradients become each layer's `knobs.grad`, replacing
+    whatever is there (autograd's unrouted totals under `knob_gradient_totals`). Under FSDP2 the knobs are DTensors
+    and the engine must place the full tensors on their shards itself."""
     for name, layer in adapter.layers.items():
-        for parameter, grad in ((layer.keep_knob, routed.kept[name]), (layer.quarantine_knob, routed.quarantine[name])):
-            if hasattr(parameter, "device_mesh"):
-                raise TypeError(f"{name}: knob is a DTensor; the engine must place routed gradients on its shards")
-            if grad.shape != parameter.shape:
-                raise ValueError(f"{name}: routed gradient {tuple(grad.shape)} does not fit knob {tuple(parameter.shape)}")
-            parameter.grad = grad.to(device=parameter.device, dtype=parameter.dtype, copy=True)
+        parameter, grad = layer.knobs, routed.knob_grads[name]
+        if hasattr(parameter, "device_mesh"):
+            raise TypeError(f"{name}: knob is a DTensor; the engine must place routed gradients on its shards")
+        if grad.shape != parameter.shape:
+            raise ValueError(f"{name}: routed gradient {tuple(grad.shape)} does not fit knob {tuple(parameter.shape)}")
+        parameter.grad = grad.to(device=parameter.device, dtype=parameter.dtype, copy=True)
 
 
 SCORE_PREFIXES = ("cos", "token_cos")  # the rollout and the token gate's cosine statistics

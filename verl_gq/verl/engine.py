@@ -86,10 +86,9 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             QuarantineAdapterConfig(rank=self.gq.rank, target_modules=list(self.gq.target_modules)),
             svd_device=svd_device,
         )
+        # vanilla's quarantine rows stay trainable: the plain capture gives them exactly zero gradients, which AdamW
+        # turns into no update of a row at 0 (weight decay included)
         self.adapter.knob_gradient_totals = self.engine_config.strategy == "fsdp"
-        if self.gq.method == "vanilla":
-            for layer in self.adapter.layers.values():
-                layer.quarantine_knob.requires_grad_(False)
         return module
 
     def _build_model_optimizer(self):
@@ -218,11 +217,13 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                 token_mask = (positions >= starts) & (positions < ends)
             return Segments.packed(cu, total, token_mask=token_mask)
         batch, width = len(seq_lens), int(seq_lens.max().item())
+        if not per_token:
+            # each batch row's positions to its rollout, padding included (it carries exactly zero gradient: out of
+            # the loss, attended by no real token), so the stash broadcasts over rows instead of gathering positions
+            return Segments.padded(batch, width)
         positions = torch.arange(width, device=seq_lens.device).unsqueeze(0)
         position_mask = positions < seq_lens.unsqueeze(1)
-        token_mask = None
-        if per_token:
-            token_mask = (positions >= (prompt_lens - 1).unsqueeze(1)) & (positions < (seq_lens - 1).unsqueeze(1))
+        token_mask = (positions >= (prompt_lens - 1).unsqueeze(1)) & (positions < (seq_lens - 1).unsqueeze(1))
         return Segments.padded(batch, width, position_mask=position_mask, token_mask=token_mask)
 
     def _packed_pad_size(self, packed_length: int) -> int:
@@ -253,7 +254,7 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         """Make the full (all-reduced, identical on every rank) routed gradients the knobs' gradients, replacing
         what is there (optimizer_zero_grad's zeros; under FSDP1 the unrouted totals of the stash's backward). A
         sharded knob takes this rank's part in place, and all the copies run as one batched kernel: a DTensor op per
-        knob costs ~0.1 ms of host time, and a step writes two knobs per adapted module."""
+        knob costs ~0.1 ms of host time, and a step writes one (2, r) knob per adapted module."""
         targets, sources = [], []
         for knob, full in zip(knobs, full_grads):
             full = full.to(device=knob.device, dtype=knob.dtype)

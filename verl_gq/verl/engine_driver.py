@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from verl_gq.adapter.layer import KEEP, QUARANTINE
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -157,22 +159,19 @@ def _unsharded(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def knob_grads(engine) -> dict[str, dict[str, list[float]]]:
-    """Every knob's full (unsharded) gradient as nested lists; None where a knob has none."""
-    def grad(p):
-        return None if p.grad is None else _unsharded(p.grad).double().tolist()
+def _knob_rows(knobs: Optional[torch.Tensor]) -> dict[str, Optional[list[float]]]:
+    rows = [None, None] if knobs is None else _unsharded(knobs).detach().double().tolist()
+    return {"keep": rows[KEEP], "quarantine": rows[QUARANTINE]}
 
-    return {name: {"keep": grad(layer.keep_knob), "quarantine": grad(layer.quarantine_knob)}
-            for name, layer in engine.adapter.layers.items()}
+
+def knob_grads(engine) -> dict[str, dict[str, Optional[list[float]]]]:
+    """Every module's full (unsharded) knob gradients, {"keep": [...], "quarantine": [...]}; None where none."""
+    return {name: _knob_rows(layer.knobs.grad) for name, layer in engine.adapter.layers.items()}
 
 
 def knob_values(engine) -> dict[str, dict[str, list[float]]]:
-    """Every knob's full (unsharded) value as a flat list."""
-    def value(p):
-        return _unsharded(p).detach().double().flatten().tolist()
-
-    return {name: {"keep": value(layer.keep_knob), "quarantine": value(layer.quarantine_knob)}
-            for name, layer in engine.adapter.layers.items()}
+    """Every module's full (unsharded) knob values, {"keep": [...], "quarantine": [...]}."""
+    return {name: _knob_rows(layer.knobs) for name, layer in engine.adapter.layers.items()}
 
 
 def actor_update(engine, data, loss_fn, *, step: bool = True, read_grads: bool = False) -> dict:

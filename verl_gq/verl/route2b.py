@@ -183,11 +183,7 @@ class Route2bController:
         of them in one call); return `gq/` metrics."""
         self.route_stashed(capture)
         routed = self.router.finish(reduce=self.all_reduce, grad_scale=1.0 / self.dp_size)
-        knobs, grads = [], []
-        for name, layer in self.adapter.layers.items():
-            knobs += [layer.keep_knob, layer.quarantine_knob]
-            grads += [routed.kept[name], routed.quarantine[name]]
-        write_grads(knobs, grads)
+        write_grads(self.adapter.knob_parameters(), list(routed.knob_grads.values()))
         self.optimizer_steps += 1
         metrics = {**routed.metrics, **self._refresh_metrics, "optimizer_steps": float(self.optimizer_steps)}
         return {f"gq/{k}": float(v) for k, v in metrics.items()}
