@@ -2,7 +2,9 @@
 
 Runs on a tiny random Qwen2 in one process and prints median times and ratios (not absolute claims):
   plain       forward + backward, keep knob gets the gradient (the vanilla arm)
-  stash       forward + backward stashing per-rollout gradients (route2b, rollout granularity)
+  stash       forward + backward stashing per-rollout gradients (route2b, rollout granularity): padded batch rows,
+              the broadcast stash
+  gather      the same by the per-position gather, as packed (remove-padding) batches stash per rollout
   stash+tok   the same plus the per-token stash of response positions (route2b, token granularity)
   per-sample  forward once, then one autograd.grad per rollout (the naive way to get the same numbers)
 
@@ -58,10 +60,13 @@ def main() -> None:
         for p in adapter.knob_parameters():
             p.grad = None
 
-    def stash(per_token: bool) -> None:
+    everywhere = torch.ones(args.batch, args.seq, dtype=torch.bool)
+
+    def stash(per_token: bool, gather: bool = False) -> None:
         capture = KnobGradientCapture(adapter, mode="stash")
         with capture:
-            capture.set_segments(Segments.padded(args.batch, args.seq, token_mask=response_mask if per_token else None))
+            capture.set_segments(Segments.padded(args.batch, args.seq, position_mask=everywhere if gather else None,
+                                                 token_mask=response_mask if per_token else None))
             rollout_losses().sum().backward()
         capture.per_example_gradients()
 
@@ -70,7 +75,8 @@ def main() -> None:
         for i in range(args.batch):
             torch.autograd.grad(losses[i], adapter.knob_parameters(), retain_graph=i < args.batch - 1)
 
-    runs = {"plain": plain, "stash": lambda: stash(False), "stash+tok": lambda: stash(True), "per-sample": per_sample}
+    runs = {"plain": plain, "stash": lambda: stash(False), "gather": lambda: stash(False, gather=True),
+            "stash+tok": lambda: stash(True), "per-sample": per_sample}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for name, run in runs.items():
         run()  # warm-up

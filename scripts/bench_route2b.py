@@ -8,6 +8,8 @@ switches the arm on it between steps, so every arm runs on the same weights, sha
   vanilla         the same adapter, no routing: keep-knob gradients by plain autograd (the vanilla arm's path)
   route2b         per-rollout stash -> gate -> route (the engine's route2b path, granularity rollout)
   route2b_token   per-token stash and gate (granularity token)
+  route2b_gather  (--gather-arm) route2b, stashing by the per-position gather that packed (remove-padding) batches
+                  use, on the same padded batch: the packed path's stash cost without flash-attn
 Arms alternate step by step (one warm-up step each first); each timed step is zero_grad + forward/backward of the
 whole mini-batch + optimizer step, synchronised. It prints per arm the median step time, the ratio to vanilla's
 median, the paired ratio (each step against the vanilla step of the same repeat, median and min-max: drifts of the
@@ -38,6 +40,7 @@ SHAPES = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab_size=None),
 }
 ARMS = ("vanilla", "route2b", "route2b_token")
+GATHER_ARM = "route2b_gather"
 
 
 def build_model_dir(shape: str, out_dir: str, device: str) -> str:
@@ -68,7 +71,8 @@ class ArmSwitch:
     vanilla = no controller: the engine's plain-capture path, where the quarantine row is detached and gets a zero
     gradient, exactly as in an engine built with method vanilla. route2b keeps its knob gradients allocated between
     steps (the engine zeroes them in place); an engine of method vanilla holds none over (verl sets them to None),
-    so the vanilla arm runs with them set aside and the next route2b step gets them back."""
+    so the vanilla arm runs with them set aside and the next route2b step gets them back. route2b_gather is route2b
+    with the engine's segments rebuilt for the gather (`gathered_segments`)."""
 
     def __init__(self, engine) -> None:
         self.engine, self.controller, self.base_gq = engine, engine.route2b, engine.gq
@@ -76,6 +80,9 @@ class ArmSwitch:
 
     def __call__(self, arm: str) -> None:
         engine, knobs = self.engine, self.engine.adapter.knob_parameters()
+        engine.__dict__.pop("_host_segments_of", None)  # the class's own, unless this arm forces the gather
+        if arm == GATHER_ARM:
+            engine._host_segments_of = functools.partial(gathered_segments, engine._host_segments_of)
         if arm == "vanilla":
             if engine.route2b is not None:
                 self.held_grads = [knob.grad for knob in knobs]
@@ -90,6 +97,17 @@ class ArmSwitch:
         gq = dataclasses.replace(self.base_gq, granularity="token" if arm == "route2b_token" else "rollout")
         engine.gq = self.controller.gq = gq
         engine.route2b = self.controller
+
+
+def gathered_segments(host_segments_of, micro_batch):
+    """The engine's segments with each padded batch row's positions gathered per position (the packed path's stash)
+    instead of broadcast: the same rows, so the same routing."""
+    from verl_gq.routing import Segments
+
+    segments = host_segments_of(micro_batch)
+    if not segments.batch_rows:
+        raise RuntimeError(f"{GATHER_ARM} needs padded per-rollout segments (batch rows)")
+    return Segments(segments.example_of_position, segments.n_examples)
 
 
 def synchronize(device: str) -> None:
@@ -286,28 +304,29 @@ def bench_config(model_dir: str, pair_file: str, args, rank, checkpointing: bool
     data = make_batch(0, args.n, vocab, micro_batch, prompt_len=(args.prompt, args.prompt + 1),
                       response_len=(args.response, args.response + 1), remove_padding=False)
     loss_fn = actor_loss_fn(rollout_n=1, mini_batch=args.n)
-    times = {arm: [] for arm in ARMS}
-    peaks = {arm: [] for arm in ARMS}
+    arms = ARMS + ((GATHER_ARM,) if args.gather_arm else ())
+    times = {arm: [] for arm in arms}
+    peaks = {arm: [] for arm in arms}
     knobs_stepped = {}
-    for arm in ARMS:  # warm-up (allocator, kernels; route2b's first step extracts the direction)
+    for arm in arms:  # warm-up (allocator, kernels; route2b's first step extracts the direction)
         select_arm(arm)
         grads = actor_update(engine, data, loss_fn, read_grads=True)["grads"]
         # the knob tensors AdamW stepped: one (2, r) per module in every arm (the arms must differ only in routing)
         knobs_stepped[arm] = sum(rows["keep"] is not None for rows in grads.values())
     for _ in range(args.repeats):
-        for arm in ARMS:
+        for arm in arms:
             select_arm(arm)
             elapsed, peak = timed_update(engine, data, loss_fn, device)
             times[arm].append(elapsed)
             peaks[arm].append(peak)
     regions = {}
-    for arm in ARMS:  # one more step per arm, timed region by region
+    for arm in arms:  # one more step per arm, timed region by region
         select_arm(arm)
         with timed_regions(device) as calls:
             timed_update(engine, data, loss_fn, device)
         regions[arm] = region_seconds(calls, device)
     profiles = {}
-    for arm in ARMS if args.profile else ():
+    for arm in arms if args.profile else ():
         select_arm(arm)
         tag = f"r{rank}_ckpt{'on' if checkpointing else 'off'}_{arm}"
         profiles[arm] = profiled_step(engine, data, loss_fn, device, os.path.join(args.profile, f"{tag}.txt"))
@@ -334,7 +353,7 @@ def report(result: dict, refresh_every: int) -> None:
     base_m = max(peaks["vanilla"])
     print(f"\nrank={result['rank']} checkpointing={'on' if result['checkpointing'] else 'off'} "
           f"micro_batch={result['micro_batch']} (engine build {result['build_seconds']:.0f}s)")
-    for arm in ARMS:
+    for arm in times:
         t = times[arm]
         ratio = statistics.median(t) / base_t
         spread = f"[{min(t) / base_t:.3f}, {max(t) / base_t:.3f}]"
@@ -388,6 +407,8 @@ def main() -> None:
     parser.add_argument("--fused-adamw", action="store_true", help="every arm's AdamW fused (verl: actor.optim."
                         "override_optimizer_config={fused: true}, as recipes/vanilla.yaml and every paper arm set it) "
                         "instead of torch's default foreach")
+    parser.add_argument("--gather-arm", action="store_true", help=f"also time {GATHER_ARM}: route2b stashing by the "
+                        "per-position gather of packed batches, on the padded batch")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--profile", metavar="DIR", help="also run one step per arm under torch.profiler and write "
                         "its op tables to DIR")

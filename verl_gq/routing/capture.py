@@ -273,7 +273,7 @@ class KnobGradientCapture:
         # in the stash dtype; in the activations' dtype like vanilla's scale. Batch rows: (n, 1, r) broadcast over
         # each row's positions; else (n_rows, r) gathered per position
         if self.segments.batch_rows:
-            return a * scale_rows.to(a.dtype)
+            return a * scale_rows.to(a.dtype)  # already that dtype, unless knob_gradient_totals promoted it
         return a * scale_rows.index_select(0, self.segments.row_of_position).to(a.dtype).view(a.shape)
 
     def _new_scale_rows(self, name: str, a: torch.Tensor, knobs: torch.Tensor, coefficient: float) -> torch.Tensor:
