@@ -106,7 +106,8 @@ def autograd_completion_gradients(model, adapter, prompt: list[int], completion:
     log_probs = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1], -1)
     targets = ids[0, 1:]
     log_p = log_probs[len(prompt) - 1 :].gather(-1, targets[len(prompt) - 1 :, None]).sum()
-    return {name: grad[KEEP] for name, grad in zip(adapter.layers, torch.autograd.grad(log_p, adapter.knob_parameters()))}
+    grads = torch.autograd.grad(log_p, adapter.knob_parameters())
+    return {name: grad[KEEP] for name, grad in zip(adapter.layers, grads)}
 
 
 def test_pair_gradients_equal_per_sample_autograd_of_completion_log_prob(setup):

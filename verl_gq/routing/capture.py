@@ -302,7 +302,8 @@ class KnobGradientCapture:
             value = self._zero
         else:
             keep, quarantine = knobs.detach().unbind(0)
-            value = torch.add(keep, quarantine, alpha=coefficient).to(a.dtype if segments.batch_rows else self._stash_dtype)
+            dtype = a.dtype if segments.batch_rows else self._stash_dtype
+            value = torch.add(keep, quarantine, alpha=coefficient).to(dtype)
         shape = (segments.n_examples, 1, a.shape[-1]) if segments.batch_rows else (segments.n_rows, a.shape[-1])
         return value.expand(shape).requires_grad_()
 
