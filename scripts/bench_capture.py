@@ -53,7 +53,6 @@ def main() -> None:
         log_probs = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
         return -(advantages[:, None] * log_probs * response_mask[:, 1:]).sum(1) / response_mask.sum()
 
-
     def plain() -> None:
         with KnobGradientCapture(adapter, mode="plain"):
             rollout_losses().sum().backward()

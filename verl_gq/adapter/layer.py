@@ -26,6 +26,12 @@ KEEP, QUARANTINE = 0, 1  # rows of SVDQuarantineLinear.knobs
 KnobApplication = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
+def knob_scale(knobs: torch.Tensor, quarantine_coefficient: float) -> torch.Tensor:
+    """keep + c * quarantine of (2, r) knobs: the diagonal of the layer's update in the SVD basis."""
+    keep, quarantine = knobs.unbind(0)
+    return torch.add(keep, quarantine, alpha=quarantine_coefficient)
+
+
 def knob_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
     """Knobs are stored in at least float32.
 
@@ -101,18 +107,13 @@ class SVDQuarantineLinear(nn.Linear):
         self.basis_u.copy_(u[:, : self.rank].to(self.basis_u.device))
         self.basis_v.copy_(vh[: self.rank].T.to(self.basis_v.device))
 
-    def knob_scale(self) -> torch.Tensor:
-        """keep + c * quarantine: the diagonal of the layer's update in the SVD basis."""
-        keep, quarantine = self.knobs.unbind(0)
-        return torch.add(keep, quarantine, alpha=self.quarantine_coefficient)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if not self.adapter_enabled:
             return y
         a = torch.matmul(x, self.basis_v)
         if self.knob_application is None:
-            h = a * self.knob_scale().to(a.dtype)
+            h = a * knob_scale(self.knobs, self.quarantine_coefficient).to(a.dtype)
         else:
             h = self.knob_application(a, self.knobs, self.quarantine_coefficient)
         return y + torch.matmul(h, self.basis_u.T)
@@ -124,8 +125,7 @@ class SVDQuarantineLinear(nn.Linear):
         Under FSDP2 the parameters are DTensors: they are gathered here (a collective every rank must join in the
         same order)."""
         weight, u, v = full_tensor(self.weight), full_tensor(self.basis_u), full_tensor(self.basis_v)
-        keep, quarantine = full_tensor(self.knobs)
-        scale = keep + quarantine_coefficient * quarantine
+        scale = knob_scale(full_tensor(self.knobs), quarantine_coefficient)
         work = torch.promote_types(weight.dtype, torch.float32)
         delta = (u.to(work) * scale.to(work)) @ v.to(work).T
         return (weight.to(work) + delta).to(weight.dtype)

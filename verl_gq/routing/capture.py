@@ -30,6 +30,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from verl_gq.adapter.layer import knob_scale
 from verl_gq.adapter.model import QuarantineAdapter
 
 CAPTURE_MODES = ("plain", "stash")
@@ -268,8 +269,7 @@ class KnobGradientCapture:
         if scale_rows is None:  # first forward of this module in this micro-batch (a recompute finds it)
             scale_rows = self._scale_rows[name] = self._new_scale_rows(name, a, knobs, coefficient)
         if self.adapter.knob_gradient_totals:
-            keep, quarantine = knobs.unbind(0)
-            scale_rows = torch.add(keep, quarantine, alpha=coefficient) + scale_rows
+            scale_rows = knob_scale(knobs, coefficient) + scale_rows
         # in the stash dtype; in the activations' dtype like vanilla's scale. Batch rows: (n, 1, r) broadcast over
         # each row's positions; else (n_rows, r) gathered per position
         if self.segments.batch_rows:
@@ -301,9 +301,8 @@ class KnobGradientCapture:
                 self._zero = torch.zeros((), device=a.device, dtype=self._stash_dtype)
             value = self._zero
         else:
-            keep, quarantine = knobs.detach().unbind(0)
             dtype = a.dtype if segments.batch_rows else self._stash_dtype
-            value = torch.add(keep, quarantine, alpha=coefficient).to(dtype)
+            value = knob_scale(knobs.detach(), coefficient).to(dtype)
         shape = (segments.n_examples, 1, a.shape[-1]) if segments.batch_rows else (segments.n_rows, a.shape[-1])
         return value.expand(shape).requires_grad_()
 
