@@ -1,5 +1,6 @@
 """The quarantine adapter on tiny Qwen2 and Qwen3 models (float64, CPU): injection, exactness of the base /
-disabled / deployed views, merged weights, meta-device construction, save/load, and bad inputs."""
+disabled / as-trained / deployed views, merged weights, meta-device construction, save/load (and files written
+before routers), and bad inputs."""
 
 import copy
 
@@ -14,7 +15,7 @@ from verl_gq.adapter import (
     SVDQuarantineLinear,
     inject_quarantine_adapter,
 )
-from verl_gq.adapter.layer import KEEP, QUARANTINE
+from verl_gq.adapter.layer import EFFECTIVE
 
 VOCAB = 97
 RANK = 6
@@ -109,55 +110,45 @@ def test_disabled_adapter_equals_base_exactly(family, input_ids):
     assert (logits(model, input_ids) - base).abs().max() > 1e-3, "leaving disabled() should restore the knobs"
 
 
-def test_deploy_removes_exactly_the_quarantine_contribution(family, input_ids):
+def test_deployed_view_removes_exactly_its_own_quarantine(family, input_ids):
+    """Two quarantines: the deployed view of each equals the model whose effective knob has that quarantine
+    subtracted by hand, and the as-trained view is the effective knob alone."""
     model = tiny_model(family)
-    adapter = inject_quarantine_adapter(model, QuarantineAdapterConfig(rank=RANK))
+    adapter = inject_quarantine_adapter(model, QuarantineAdapterConfig(rank=RANK, quarantines=["route2b", "random_v"]))
     randomise_knobs(adapter)
-    trained = logits(model, input_ids)
-    with adapter.quarantine(0.0):
-        coefficient_zero = logits(model, input_ids)
-    reference = copy.deepcopy(model)  # the same model with the quarantine knob zeroed by hand
-    with torch.no_grad():
-        for name, module in reference.named_modules():
-            if isinstance(module, SVDQuarantineLinear):
-                module.knobs[QUARANTINE].zero_()
-    zeroed = logits(reference, input_ids)
-    adapter.deploy()
-    deployed = logits(model, input_ids)
-    assert (trained - deployed).abs().max() > 1e-3, "the quarantine knob should have contributed before deploy"
-    assert (deployed - zeroed).abs().max().item() == 0.0, "deployed model should equal the model with quarantine_knob = 0"
-    assert (deployed - coefficient_zero).abs().max().item() == 0.0, "deployed model should equal c = 0"
-    assert all(layer.knobs[QUARANTINE].abs().max() == 0 for layer in adapter.layers.values())
-    with pytest.raises(RuntimeError, match="deploy"):
-        adapter.set_quarantine_coefficient(1.0)
-    # the quarantine row shares its parameter with the kept one, so it is not frozen: it gets exactly zero gradient
-    # (c = 0), and AdamW with weight decay leaves a row at 0 that gets none
-    kept_before = torch.stack([layer.knobs[KEEP].detach().clone() for layer in adapter.layers.values()])
-    optimizer = torch.optim.AdamW(adapter.knob_parameters(), lr=1e-2, weight_decay=0.1)
-    for _ in range(2):
-        logits(model, input_ids).square().mean().backward()
-        assert all(torch.all(layer.knobs.grad[QUARANTINE] == 0) for layer in adapter.layers.values())
-        optimizer.step()
-        optimizer.zero_grad()
-    assert all(layer.knobs[QUARANTINE].abs().max() == 0 for layer in adapter.layers.values())
-    kept_after = torch.stack([layer.knobs[KEEP].detach() for layer in adapter.layers.values()])
-    assert not torch.equal(kept_before, kept_after), "the kept row should still train after deploy"
+    as_trained = logits(model, input_ids)
+    for column, name in enumerate(adapter.quarantine_names, start=1):
+        with adapter.viewing(name):
+            assert adapter.view == name
+            deployed = logits(model, input_ids)
+        by_hand = copy.deepcopy(model)  # the same model with the effective knob minus this quarantine, no quarantines
+        with torch.no_grad():
+            for module in by_hand.modules():
+                if isinstance(module, SVDQuarantineLinear):
+                    module.knobs[:, EFFECTIVE] -= module.knobs[:, column]
+                    module.knobs[:, 1:] = float("nan")  # the as-trained view must not read them at all
+        assert (as_trained - deployed).abs().max() > 1e-3, f"{name}: its quarantine should contribute as trained"
+        assert (deployed - logits(by_hand, input_ids)).abs().max().item() == 0.0, \
+            f"{name}: the deployed view should be effective - quarantine exactly"
+    assert adapter.view is None and (logits(model, input_ids) - as_trained).abs().max().item() == 0.0
+    with pytest.raises(KeyError, match="no quarantine named 'route2c'"):
+        adapter.set_view("route2c")
 
 
 def test_merged_weights_give_the_adapted_model_logits(family, input_ids):
     model = tiny_model(family)
     fresh = copy.deepcopy(model)
-    adapter = inject_quarantine_adapter(model, QuarantineAdapterConfig(rank=RANK))
+    adapter = inject_quarantine_adapter(model, QuarantineAdapterConfig(rank=RANK, quarantines=["a", "b"]))
     randomise_knobs(adapter)
-    for quarantine_on, coefficient in ((True, 1.0), (False, 0.0)):
-        merged = dict(adapter.merged_weights(quarantine_on=quarantine_on))
+    for view in (None, "a", "b"):
+        merged = dict(adapter.merged_weights(view))
         assert set(merged) == set(fresh.state_dict()), "merged weights should carry exactly the base model's HF names"
         fresh.load_state_dict(merged)
-        with adapter.quarantine(coefficient):
+        with adapter.viewing(view):
             expected = logits(model, input_ids)
         diff = (logits(fresh, input_ids) - expected).abs().max().item()
-        assert diff < 1e-12, f"merged weights (quarantine_on={quarantine_on}) should reproduce c={coefficient} (diff {diff})"
-    untouched = dict(adapter.merged_weights(quarantine_on=False))["model.embed_tokens.weight"]
+        assert diff < 1e-12, f"merged weights of view {view} should reproduce that view (diff {diff})"
+    untouched = dict(adapter.merged_weights())["model.embed_tokens.weight"]
     assert untouched.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "non-adapted weights should stream uncopied"
 
 
@@ -169,7 +160,7 @@ def test_meta_device_build_takes_broadcast_state(family, input_ids):
     adapter_meta = inject_quarantine_adapter(other, QuarantineAdapterConfig(rank=RANK))
     for name, layer in adapter_meta.layers.items():
         assert layer.basis_u.is_meta and layer.basis_u.shape == adapter0.layers[name].basis_u.shape
-        assert layer.knobs.shape == (2, RANK) and layer.knobs.dtype == torch.float64
+        assert layer.knobs.shape == (RANK, 2) and layer.knobs.dtype == torch.float64
     other.to_empty(device="cpu")
     other.load_state_dict(rank0.state_dict())  # what verl's rank-0 broadcast amounts to
     other.model.rotary_emb.inv_freq.copy_(rank0.model.rotary_emb.inv_freq)  # a non-persistent buffer
@@ -232,6 +223,9 @@ def test_load_onto_a_different_base_fails_clearly(tmp_path):
         (dict(target_modules=[]), "non-empty"),
         (dict(target_modules="q_proj"), "non-empty list"),
         (dict(target_modules=["re:("]), "bad regex"),
+        (dict(quarantines=["route 2b"]), "letters, digits and _"),
+        (dict(quarantines=["a", "a"]), "appears twice"),
+        (dict(quarantines="a"), "list of names"),
     ],
 )
 def test_bad_config_fails_with_a_message_naming_the_field(kwargs, message):
@@ -260,25 +254,56 @@ def test_target_patterns_select_by_suffix_glob_and_regex():
     ]
 
 
-def test_a_stored_run_file_loads_into_the_knob_rows_and_saves_back_unchanged(tmp_path):
-    """train.safetensors names each knob on its own (adapter.<module>.keep_knob / .quarantine_knob); a file of the
-    committed H100 study, written when the knobs were two parameters, loads into the rows and saves back equal."""
+def test_a_file_written_before_routers_loads_as_effective_and_one_quarantine(tmp_path):
+    """A run of the committed H100 study (adapter format /1: a kept and a quarantine knob per module) loads with its
+    arm as the one quarantine and effective = kept + quarantine, and saves back in the current format."""
     from pathlib import Path
 
     from safetensors.torch import load_file
 
+    from verl_gq.adapter import read_adapter_file
     from verl_gq.eval.deploy import load_model_with_knobs
     from verl_gq.organism.shipped import CHECKPOINT_DIR
 
     stored = Path(__file__).parents[1] / "docs/results/organism-h100-study/runs/route2b_s41/train.safetensors"
     _, _, adapter = load_model_with_knobs(str(CHECKPOINT_DIR), stored, "cpu")
+    assert adapter.quarantine_names == ["route2b"], "the arm of a format-/1 file names its one quarantine"
     saved = load_file(str(stored))
     for name, layer in adapter.layers.items():
-        for row, knob in ((KEEP, "keep_knob"), (QUARANTINE, "quarantine_knob")):
-            assert torch.equal(layer.knobs[row], saved[f"adapter.{name}.{knob}"].to(layer.knobs.dtype)), (name, knob)
-    assert any(layer.knobs[QUARANTINE].abs().max() > 0 for layer in adapter.layers.values()), "a trained quarantine"
+        kept, quarantine = saved[f"adapter.{name}.keep_knob"], saved[f"adapter.{name}.quarantine_knob"]
+        assert torch.equal(layer.knobs[:, 1], quarantine.to(layer.knobs.dtype)), name
+        assert torch.equal(layer.knobs[:, 0], (kept + quarantine).to(layer.knobs.dtype)), name
+        with adapter.viewing("route2b"):
+            assert torch.allclose(layer.merged_weight(layer.view), layer.merged_weight(0) -
+                                  (layer.basis_u * quarantine) @ layer.basis_v.T, atol=1e-5)
+    assert any(layer.knobs[:, 1].abs().max() > 0 for layer in adapter.layers.values()), "a trained quarantine"
     adapter.save(tmp_path / "again.safetensors")
-    again = load_file(str(tmp_path / "again.safetensors"))
-    knob_keys = {key for key in saved if key.endswith("_knob")}
-    assert knob_keys == {key for key in again if key.endswith("_knob")}
-    assert all(torch.equal(again[key], saved[key].to(again[key].dtype)) for key in knob_keys)
+    again = read_adapter_file(tmp_path / "again.safetensors")
+    assert again.quarantines == ["route2b"]
+    assert all(torch.equal(again.knobs[name], layer.knobs.detach()) for name, layer in adapter.layers.items())
+
+
+def test_damaged_or_non_finite_adapter_files_are_refused_naming_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    adapter = inject_quarantine_adapter(tiny_model("qwen2"), QuarantineAdapterConfig(rank=RANK))
+    randomise_knobs(adapter)
+    good = tmp_path / "train.safetensors"
+    adapter.save(good)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(AdapterLoadError, match="truncated.safetensors: not a readable safetensors file"):
+        adapter.load(truncated)
+    with safe_open(str(good), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(good))
+    key = next(k for k in tensors if k.endswith("effective_knob"))
+    tensors[key][1] = float("nan")
+    poisoned = tmp_path / "nan.safetensors"
+    save_file(tensors, str(poisoned), metadata=metadata)
+    with pytest.raises(AdapterLoadError, match=r"nan.safetensors: .* NaN or inf"):
+        adapter.load(poisoned)
+    other = inject_quarantine_adapter(tiny_model("qwen2"), QuarantineAdapterConfig(rank=RANK, quarantines=["a", "b"]))
+    with pytest.raises(AdapterLoadError, match=r"quarantines are \['quarantine'\], this adapter's \['a', 'b'\]"):
+        other.load(good)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from verl_gq.adapter import KEEP, QUARANTINE, QuarantineAdapterConfig, inject_quarantine_adapter
+from verl_gq.adapter import EFFECTIVE, QuarantineAdapterConfig, inject_quarantine_adapter, knob_scale
 from verl_gq.routing import KnobGradientCapture, Segments
 
 VOCAB = 97
@@ -136,11 +136,11 @@ def test_captured_rollout_and_token_gradients_equal_per_sample_autograd(family, 
                 "stash mode should keep the knobs out of the backward (the caller writes their gradients)"
             )
             continue
-        assert torch.allclose(layer.knobs.grad[KEEP], per_example[name].sum(0), rtol=0, atol=1e-13), (
-            "with knob_gradient_totals, stash mode should leave autograd's own dL/dkeep (the stash rows' sum) on "
-            "the keep row"
+        assert torch.allclose(layer.knobs.grad[:, EFFECTIVE], per_example[name].sum(0), rtol=0, atol=1e-13), (
+            "with knob_gradient_totals, stash mode should leave autograd's own dL/ds (the stash rows' sum) on "
+            "the effective column"
         )
-        assert torch.equal(layer.knobs.grad[QUARANTINE], layer.knobs.grad[KEEP]), "and dL/dquar = c dL/dkeep (c = 1)"
+        assert torch.all(layer.knobs.grad[:, 1:] == 0), "and nothing on the quarantines (as trained, they act nowhere)"
 
     # Per rollout: autograd of each rollout's own loss, ordinary forward (no capture installed).
     losses = rollout_losses(model, inputs, response_mask, segments.example_of_position)
@@ -149,7 +149,7 @@ def test_captured_rollout_and_token_gradients_equal_per_sample_autograd(family, 
     for i in range(len(LENGTHS)):
         reference = torch.autograd.grad(losses[i], knobs, retain_graph=True)
         for name, grad in zip(adapter.layers, reference):
-            worst_rollout = max(worst_rollout, (per_example[name][i] - grad[KEEP]).abs().max().item())
+            worst_rollout = max(worst_rollout, (per_example[name][i] - grad[:, EFFECTIVE]).abs().max().item())
     assert worst_rollout < TOLERANCE, f"captured per-rollout gradients should equal per-sample autograd ({worst_rollout:.2e})"
 
     if segments.token_positions is None:
@@ -160,9 +160,9 @@ def test_captured_rollout_and_token_gradients_equal_per_sample_autograd(family, 
     copies = {}
 
     def per_position_copy(name):
-        def apply(a, knobs, coefficient):
+        def apply(a, knobs, view):
             if name not in copies:
-                scale = (knobs[KEEP] + coefficient * knobs[QUARANTINE]).detach()
+                scale = knob_scale(knobs, view).detach()
                 copies[name] = scale.expand(a.numel() // RANK, RANK).clone().requires_grad_(True)
             return a * copies[name].reshape(a.shape)
 
@@ -191,11 +191,12 @@ def test_captured_rollout_and_token_gradients_equal_per_sample_autograd(family, 
     print(f"{family}/{layout}/ckpt={checkpointing}: rollout {worst_rollout:.1e} token {worst_token:.1e} sum {worst_sum:.1e}")
 
 
-def test_plain_mode_sends_the_whole_gradient_to_the_keep_knob_and_stash_serves_both_knobs():
-    """dL/dquar = c * dL/dkeep in ordinary autograd; plain capture (the vanilla path) gives keep that gradient and
-    quarantine none; the stash equals dL/dkeep."""
+def test_plain_mode_sends_the_whole_gradient_to_the_effective_knob_and_the_stash_sums_to_it():
+    """In a deployed view the quarantine acts (-q_j), so ordinary autograd gives it -dL/ds; plain capture (the vanilla
+    path) gives the effective knob the whole gradient and the quarantines none, in any view; the stash rows sum to
+    dL/ds."""
     model, adapter = tiny_adapted_model("qwen2", checkpointing=False)
-    adapter.set_quarantine_coefficient(0.5)
+    adapter.set_view("quarantine")
     inputs, response_mask, segments = padded_batch()
 
     def loss():
@@ -214,12 +215,12 @@ def test_plain_mode_sends_the_whole_gradient_to_the_keep_knob_and_stash_serves_b
         loss().backward()
     stash = capture.per_example_gradients()
     for name, layer in adapter.layers.items():
-        keep, quarantine = autograd[id(layer.knobs)]
-        assert torch.allclose(quarantine, 0.5 * keep, rtol=0, atol=1e-15), "dL/dquar should be c * dL/dkeep"
-        plain_keep, plain_quarantine = plain[id(layer.knobs)]
-        assert torch.allclose(plain_keep, keep, rtol=0, atol=1e-15), "plain: keep gets the whole gradient"
+        effective, quarantine = autograd[id(layer.knobs)].unbind(1)
+        assert torch.equal(quarantine, -effective), "deployed without quarantine q: dL/dq = -dL/ds"
+        plain_effective, plain_quarantine = plain[id(layer.knobs)].unbind(1)
+        assert torch.allclose(plain_effective, effective, rtol=0, atol=1e-15), "plain: s gets the whole gradient"
         assert torch.all(plain_quarantine == 0), "plain (vanilla) mode should give the quarantine knob nothing"
-        assert torch.allclose(stash[name].sum(0), keep, rtol=0, atol=1e-14), "stash rows should sum to dL/dkeep"
+        assert torch.allclose(stash[name].sum(0), effective, rtol=0, atol=1e-14), "stash rows should sum to dL/ds"
 
 
 def test_capture_rejects_bad_use_clearly():

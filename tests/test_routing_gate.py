@@ -9,11 +9,12 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from verl_gq.adapter import KEEP, QuarantineAdapterConfig, inject_quarantine_adapter
+from verl_gq.adapter import EFFECTIVE, QuarantineAdapterConfig, inject_quarantine_adapter
 from verl_gq.routing import (
     Band,
     GradientRouter,
     KnobGradientCapture,
+    ModuleRows,
     Pair,
     Segments,
     assign_folds,
@@ -92,6 +93,12 @@ def stash(model, adapter, rollouts, advantages):
     return capture.per_example_gradients(), capture.per_token_gradients(), segments
 
 
+def route(router: GradientRouter, result, name: str = "route2b"):
+    """One micro-batch through a one-router GradientRouter: its rows into the total, then the router's gate."""
+    router.add_examples(result.grads)
+    return router.add(name, result)
+
+
 def live_rollouts(seed):
     """4 rollouts answering with the planted pattern, then 4 with random completions; fresh prompts."""
     generator = torch.Generator().manual_seed(seed)
@@ -107,7 +114,7 @@ def autograd_completion_gradients(model, adapter, prompt: list[int], completion:
     targets = ids[0, 1:]
     log_p = log_probs[len(prompt) - 1 :].gather(-1, targets[len(prompt) - 1 :, None]).sum()
     grads = torch.autograd.grad(log_p, adapter.knob_parameters())
-    return {name: grad[KEEP] for name, grad in zip(adapter.layers, grads)}
+    return {name: grad[:, EFFECTIVE] for name, grad in zip(adapter.layers, grads)}
 
 
 def test_pair_gradients_equal_per_sample_autograd_of_completion_log_prob(setup):
@@ -127,8 +134,9 @@ def test_pair_gradients_equal_per_sample_autograd_of_completion_log_prob(setup):
         adapter.knob_gradient_totals = False
     for name, layer in adapter.layers.items():
         total = few.hack[name].sum(0) + few.clean[name].sum(0)
-        assert torch.allclose(layer.knobs.grad[KEEP], total, rtol=0, atol=1e-13), (
-            "with knob_gradient_totals, the keep row's .grad should hold autograd's own total: the stashed rows' sum"
+        assert torch.allclose(layer.knobs.grad[:, EFFECTIVE], total, rtol=0, atol=1e-13), (
+            "with knob_gradient_totals, the effective knob's .grad should hold autograd's own total: the stashed "
+            "rows' sum"
         )
     for knob in adapter.knob_parameters():
         knob.grad = None
@@ -152,20 +160,38 @@ def test_pair_gradients_do_not_depend_on_micro_batching_with_varied_prompt_lengt
                 assert diff < 1e-12, f"pair {index} {which}, micro-batch {micro_batch_size}/{max_tokens} tokens: {diff:.1e}"
 
 
-def test_direction_rows_are_orthogonal_hackward_and_weighted_by_singular_values(setup):
+def test_one_direction_is_each_modules_top_singular_vector_weighted_by_its_share(setup):
     grads = setup["grads"]
-    direction = extract_direction(grads, k=2)
+    direction = extract_direction(grads, k=1)
     diffs = {m: grads.hack[m] - grads.clean[m] for m in grads.hack}
     norms = torch.stack([d.pow(2).sum(1) for d in diffs.values()]).sum(0).sqrt()
     for name, rows in direction.items():
         normalised = diffs[name] / norms[:, None]
-        singular = torch.linalg.svdvals(normalised)[:2]
-        assert torch.allclose(rows.norm(dim=1), singular / N_PAIRS**0.5, atol=1e-12), "row norm = sigma_j / sqrt(n)"
-        assert abs((rows[0] @ rows[1]).item()) < 1e-12, f"{name}: directions should be orthogonal"
+        _, singular, vh = torch.linalg.svd(normalised, full_matrices=False)
+        assert rows.shape == (1, normalised.shape[1])
+        assert torch.allclose(rows.norm(dim=1), singular[:1] / N_PAIRS**0.5, atol=1e-12), "row norm = sigma / sqrt(n)"
+        assert torch.allclose((rows[0] @ vh[0]).abs(), rows[0].norm(), atol=1e-12), f"{name}: its own top vector"
         projections = normalised @ rows.T
-        assert ((projections > 0).sum(0) >= (projections < 0).sum(0)).all(), f"{name}: rows should point hack-ward"
-    top = extract_direction(grads, k=1)
-    assert all(torch.allclose(top[m][0], direction[m][0], atol=1e-12) for m in top), "k=1 is the first row of k=2"
+        assert (projections > 0).sum() >= (projections < 0).sum(), f"{name}: the row should point hack-ward"
+
+
+def test_several_directions_are_joint_singular_vectors_across_modules(setup):
+    """k = 2: direction j is one vector over all modules side by side (the joint SVD's j-th right singular vector),
+    so its parts in different modules belong together; the rows are orthogonal jointly, not per module."""
+    grads = setup["grads"]
+    direction = extract_direction(grads, k=2)
+    diffs = ModuleRows.of({m: grads.hack[m] - grads.clean[m] for m in grads.hack}).rows
+    normalised = diffs / diffs.norm(dim=1, keepdim=True)
+    _, singular, vh = torch.linalg.svd(normalised, full_matrices=False)
+    joint = ModuleRows.of(direction).rows  # (2, sum r)
+    for j in range(2):
+        assert torch.allclose(joint[j].norm(), singular[j] / N_PAIRS**0.5, atol=1e-12), "norm = sigma_j / sqrt(n)"
+        assert torch.allclose((joint[j] @ vh[j]).abs(), joint[j].norm(), atol=1e-12), f"row {j}: joint vector {j}"
+        projections = normalised @ joint[j]
+        assert (projections > 0).sum() >= (projections < 0).sum(), f"row {j} should point hack-ward"
+    assert abs((joint[0] @ joint[1]).item()) < 1e-12, "the directions should be orthogonal over all modules"
+    per_module_dots = [abs((rows[0] @ rows[1]).item()) for rows in direction.values()]
+    assert max(per_module_dots) > 1e-6, "joint directions need not be orthogonal within a module (else per-module SVD)"
 
 
 def test_planted_hack_pattern_gives_a_positive_band_and_routes_the_planted_rollouts(setup):
@@ -223,10 +249,42 @@ def test_frout_matched_band_routes_the_target_fraction_of_gradient_mass(setup):
     # the gate places a live band from the rows it scores: the same band as from the scores and masses above
     result = gate(per_example, random_direction, lambda s, m: frout_matched_band(s, m, target=0.3, width=0.2))
     assert abs(result.band.lower - band.lower) < 1e-12 and abs(result.band.upper - band.upper) < 1e-12
-    router = GradientRouter(adapter.module_names)
-    router.add(result)
-    frout = router.finish().metrics["frout"]
+    router = GradientRouter(adapter.module_names, ["random_v"])
+    fraction = route(router, result, "random_v")
+    frout = router.finish().metrics.routers["random_v"].frout
     assert abs(frout - 0.3) < 1e-9, f"frout_match should route exactly the target mass fraction (got {frout})"
+    assert abs(fraction.item() - 0.3) < 1e-9, "add returns the micro-batch's routed fraction"
+
+
+def test_routers_on_one_stash_match_each_other_and_constant_w_routes_every_unit_alike(setup):
+    """Three routers over the same two micro-batches: route2b (calibrated band), random_v placed on each micro-batch
+    to route route2b's fraction of that micro-batch, and constant_w routing every unit at route2b's fraction of the
+    step. random_v's step frout equals route2b's exactly; constant_w's quarantine is that fraction of the total."""
+    model, adapter, direction = setup["model"], setup["adapter"], setup["direction"]
+    band = calibrate_band(setup["grads"], setup["folds"]).band
+    random_direction = haar_direction(direction, seed=1)
+    router = GradientRouter(adapter.module_names, ["route2b", "random_v", "constant_w"], constant={"constant_w": "route2b"})
+    for seed, advantages in ((51, [1.0, 0.5, 2.0, -1.0, 1.0, -0.5, 0.3, 1.2]), (52, [0.7, 1.0, -1.2, 0.4, 1.0, 0.2, -0.3, 0.9])):
+        per_example, _, _ = stash(model, adapter, live_rollouts(seed), torch.tensor(advantages, dtype=torch.float64))
+        rows = ModuleRows.of(per_example)
+        router.add_examples(rows)
+        fraction = router.add("route2b", gate(rows, direction, band))
+        router.add("random_v", gate(rows, random_direction,
+                                    lambda s, m: frout_matched_band(s, m, fraction, s.std().clamp_min(1e-6))))
+    routed = router.finish()
+    frouts = {name: m.frout for name, m in routed.metrics.routers.items()}
+    assert 0.05 < frouts["route2b"] < 0.95, frouts
+    assert frouts["random_v"] == pytest.approx(frouts["route2b"], abs=1e-9), "matched micro-batch by micro-batch"
+    assert frouts["constant_w"] == pytest.approx(frouts["route2b"], abs=1e-12)
+    for name in adapter.module_names:
+        total = routed.total[name]
+        assert torch.allclose(routed.quarantine("constant_w")[name], frouts["route2b"] * total, rtol=0, atol=1e-15)
+        for router_name in ("route2b", "random_v", "constant_w"):
+            kept, quarantine = routed.kept(router_name)[name], routed.quarantine(router_name)[name]
+            assert torch.equal(kept + quarantine, total) or torch.allclose(kept + quarantine, total, rtol=0,
+                                                                           atol=1e-16)
+    assert not torch.allclose(routed.quarantine("random_v")[name], routed.quarantine("route2b")[name]), \
+        "same mass, another direction: a different quarantine"
 
 
 @pytest.mark.parametrize("granularity", ["rollout", "token"])
@@ -243,28 +301,34 @@ def test_kept_plus_quarantine_equals_vanilla_gradient(setup, granularity):
         for rollouts, advantages in micro_batches:
             inputs, response_mask, _ = micro_batch(rollouts)
             policy_loss(model, inputs, response_mask, advantages).backward()
-    vanilla = {name: layer.knobs.grad[KEEP].clone() for name, layer in adapter.layers.items()}
+    vanilla = {name: layer.knobs.grad[:, EFFECTIVE].clone() for name, layer in adapter.layers.items()}
     for p in adapter.knob_parameters():
         p.grad = None
 
-    router = GradientRouter(adapter.module_names)
+    router = GradientRouter(adapter.module_names, adapter.quarantine_names)
+    (name,) = adapter.quarantine_names
     for rollouts, advantages in micro_batches:
         per_example, per_token, segments = stash(model, adapter, rollouts, advantages)
         rollout_gate = gate(per_example, direction, band)
+        router.add_examples(rollout_gate.grads)
         if granularity == "rollout":
-            router.add(rollout_gate)
+            router.add(name, rollout_gate)
         else:
-            router.add_tokens(rollout_gate, gate(per_token, direction, band), segments.example_of_token)
+            router.add_tokens(name, rollout_gate, gate(per_token, direction, band), segments.example_of_token)
     # A fake 2-rank reduction (the same sums twice) with grad_scale 1/2 must give the single-rank result.
     routed = router.finish(reduce=lambda flat: flat * 2, grad_scale=0.5)
     write_knob_grads(adapter, routed)
-    worst = max((routed.kept[m] + routed.quarantine[m] - vanilla[m]).abs().max().item() for m in vanilla)
-    print(f"{granularity}: max |kept + quarantine - vanilla| = {worst:.1e}; metrics {routed.metrics}")
-    assert worst < 1e-12, f"kept + quarantine should equal the vanilla gradient ({worst:.1e})"
-    assert 0.0 < routed.metrics["frout"] < 1.0, "the planted rollouts should route part, not all, of the mass"
-    assert routed.metrics["n_examples"] == 2 * 13
-    for name, layer in adapter.layers.items():
-        assert torch.equal(layer.knobs.grad, torch.stack([routed.kept[name], routed.quarantine[name]]))
+    worst = max((routed.total[m] - vanilla[m]).abs().max().item() for m in vanilla)
+    worst_split = max((routed.kept(name)[m] + routed.quarantine(name)[m] - vanilla[m]).abs().max().item() for m in vanilla)
+    metrics = routed.metrics.routers[name]
+    print(f"{granularity}: max |total - vanilla| = {worst:.1e}, |kept + quarantine - vanilla| = {worst_split:.1e}; "
+          f"metrics {metrics}")
+    assert worst < 1e-12 and worst_split < 1e-12, f"kept + quarantine should equal the vanilla gradient ({worst:.1e})"
+    assert 0.0 < metrics.frout < 1.0, "the planted rollouts should route part, not all, of the mass"
+    assert routed.metrics.n_examples == 2 * 13
+    for module, layer in adapter.layers.items():
+        expected = torch.stack([routed.total[module], routed.quarantine(name)[module]], dim=1)
+        assert torch.equal(layer.knobs.grad, expected), "the knob's gradient: [total | quarantine share]"
         layer.knobs.grad = None
 
 
@@ -275,11 +339,13 @@ def test_degenerate_band_routes_nothing_and_is_reported(setup):
     result = gate(per_example, direction, band)
     assert band.degenerate and torch.equal(result.weights, torch.zeros(8, dtype=torch.float64))
     assert Band(float("nan"), 0.3).degenerate, "a NaN bound is degenerate, never NaN weights"
-    router = GradientRouter(adapter.module_names)
-    router.add(result)
-    routed = router.finish()
-    assert routed.metrics["band_degenerate_fraction"] == 1.0 and routed.metrics["frout"] == 0.0
-    assert routed.metrics["quarantine_grad_norm"] == 0.0 and routed.metrics["keep_grad_norm"] > 0.0
+    tensor_band = Band(torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64))
+    assert torch.equal(tensor_band.weights(result.scores), torch.zeros(8, dtype=torch.float64)), "live bands too"
+    router = GradientRouter(adapter.module_names, ["route2b"])
+    route(router, result)
+    metrics = router.finish().metrics.routers["route2b"]
+    assert metrics.band_degenerate_fraction == 1.0 and metrics.frout == 0.0
+    assert metrics.quarantine_grad_norm == 0.0 and metrics.kept_grad_norm > 0.0
 
 
 def test_routing_reads_only_gradients_direction_and_band_never_labels(setup):
@@ -288,9 +354,10 @@ def test_routing_reads_only_gradients_direction_and_band_never_labels(setup):
     model, adapter, direction = setup["model"], setup["adapter"], setup["direction"]
     band = calibrate_band(setup["grads"], setup["folds"]).band
     assert list(inspect.signature(gate).parameters) == ["policy_loss_grads", "direction", "band"]
-    assert list(inspect.signature(GradientRouter.add).parameters) == ["self", "rollout_gate"]
+    assert list(inspect.signature(GradientRouter.add_examples).parameters) == ["self", "examples", "tokens"]
+    assert list(inspect.signature(GradientRouter.add).parameters) == ["self", "router", "rollout_gate"]
     assert list(inspect.signature(GradientRouter.add_tokens).parameters) == [
-        "self", "rollout_gate", "token_gate", "example_of_token"
+        "self", "router", "rollout_gate", "token_gate", "example_of_token"
     ]
     assert list(inspect.signature(GradientRouter.finish).parameters) == ["self", "reduce", "grad_scale"]
 
@@ -303,21 +370,20 @@ def test_routing_reads_only_gradients_direction_and_band_never_labels(setup):
         "mode": ["run_tests", "sentinel", "run_tests", "file_marker", "stdout_marker", "sentinel", "run_tests", "sentinel"],
     }
 
-    def route(batch):
+    def routed_batch(batch):
         per_example, _, _ = stash(model, adapter, rollouts, batch["advantages"])
         result = gate(per_example, direction, band)
-        router = GradientRouter(adapter.module_names)
-        router.add(result)
+        router = GradientRouter(adapter.module_names, ["route2b"])
+        route(router, result)
         return result.weights, router.finish()
 
-    weights, routed = route(batch)
+    weights, routed = routed_batch(batch)
     permutation = torch.tensor([7, 3, 0, 5, 1, 6, 2, 4])
     shuffled = dict(batch, **{k: batch[k][permutation] for k in ("reward", "exploited", "gt_pass")})
     shuffled["mode"] = [batch["mode"][i] for i in permutation.tolist()]
-    weights_after, routed_after = route(shuffled)
+    weights_after, routed_after = routed_batch(shuffled)
     assert torch.equal(weights, weights_after), "gate weights should not change when labels are permuted"
-    assert all(torch.equal(routed.kept[m], routed_after.kept[m]) for m in routed.kept)
-    assert all(torch.equal(routed.quarantine[m], routed_after.quarantine[m]) for m in routed.quarantine)
+    assert all(torch.equal(routed.knob_grads[m], routed_after.knob_grads[m]) for m in routed.knob_grads)
 
     per_example, _, _ = stash(model, adapter, rollouts, batch["advantages"])
     with pytest.raises(ValueError, match="exactly the direction's modules"):
@@ -351,13 +417,13 @@ def test_bad_routing_inputs_fail_clearly(setup):
     nan[name][0, 0] = float("nan")
     nan_gate = gate(nan, direction, band)  # flagged on the device, no host sync
     assert not bool(nan_gate.finite) and bool(gate(grads.hack, direction, band).finite)
-    router = GradientRouter(adapter.module_names)
-    router.add(gate(grads.hack, direction, band))
-    router.add(nan_gate)
-    with pytest.raises(ValueError, match=r"NaN/inf \(1 of 2 gated micro-batches"):
+    router = GradientRouter(adapter.module_names, ["route2b"])
+    route(router, gate(grads.hack, direction, band))
+    route(router, nan_gate)
+    with pytest.raises(ValueError, match=r"NaN/inf \(1 micro-batches over all ranks"):
         router.finish()
-    router.add(gate(grads.hack, direction, band))
-    assert router.finish().metrics["n_examples"] == grads.n_pairs, "a refused step leaves nothing behind"
+    route(router, gate(grads.hack, direction, band))
+    assert router.finish().metrics.n_examples == grads.n_pairs, "a refused step leaves nothing behind"
     with pytest.raises(ValueError, match="should be \\(n, "):
         gate({m: g[:, :-1] for m, g in grads.hack.items()}, direction, band)
     with pytest.raises(ValueError, match="rows, other modules have"):
@@ -367,20 +433,27 @@ def test_bad_routing_inputs_fail_clearly(setup):
     with pytest.raises(ValueError, match="1 <= k <= min"):
         extract_direction(grads, k=N_PAIRS + 1)
     with pytest.raises(ValueError, match="target"):
-        frout_matched_band(torch.zeros(3), torch.ones(3), target=1.0, width=0.1)
+        frout_matched_band(torch.zeros(3), torch.ones(3), target=1.5, width=0.1)
     with pytest.raises(ValueError, match="cannot fill"):
         assign_folds(["a", "b"], n_folds=3, seed=0)
     with pytest.raises(ValueError, match="non-empty 1-D sequence of ints"):
         pair_gradients(setup["model"], adapter, [Pair([1, 2], [], [3], "a")])
-    router = GradientRouter(list(reversed(adapter.module_names)))
+    router = GradientRouter(list(reversed(adapter.module_names)), ["route2b"])
     with pytest.raises(ValueError, match="exactly the router's modules, in order"):
-        router.add(gate(grads.hack, direction, band))
-    router = GradientRouter(adapter.module_names)
+        router.add("route2b", gate(grads.hack, direction, band))
+    router = GradientRouter(adapter.module_names, ["route2b"])
     hack_gate = gate(grads.hack, direction, band)
     with pytest.raises(ValueError, match="example_of_token"):
-        router.add_tokens(hack_gate, hack_gate, torch.zeros(3, dtype=torch.long))
+        router.add_tokens("route2b", hack_gate, hack_gate, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="not a gating router"):
+        router.add("random_v", hack_gate)
     with pytest.raises(RuntimeError, match="nothing to finish"):
         router.finish()
+    router.add_examples(hack_gate.grads)
+    with pytest.raises(RuntimeError, match=r"routers \['route2b'\] gated no micro-batch"):
+        router.finish()
+    with pytest.raises(ValueError, match="must gate"):
+        GradientRouter(adapter.module_names, ["a", "b"], constant={"a": "b", "b": "a"})
 
 
 def test_fit_is_deterministic_refresh_follows_the_weights_and_sharding_gathers_all_pairs(setup):
@@ -398,12 +471,12 @@ def test_fit_is_deterministic_refresh_follows_the_weights_and_sharding_gathers_a
     assert haar_calibration.band.width < calibration.band.width
     layer = next(iter(adapter.layers.values()))
     with torch.no_grad():
-        layer.knobs[KEEP].add_(0.5)
+        layer.knobs[:, EFFECTIVE].add_(0.5)
     try:
         refreshed, _ = fit_direction_and_band(model, adapter, pairs, seed=0)
     finally:
         with torch.no_grad():
-            layer.knobs[KEEP].sub_(0.5)
+            layer.knobs[:, EFFECTIVE].sub_(0.5)
     assert not torch.allclose(refreshed[next(iter(direction))], direction[next(iter(direction))]), "refresh reads current weights"
 
 
@@ -415,18 +488,21 @@ def test_gate_and_router_read_nothing_on_the_host_before_finish_reads_once(granu
     ranks = {"m0": 3, "m1": 5}
     direction = {name: torch.empty(2, r, dtype=torch.float32, device=meta) for name, r in ranks.items()}
     band = Band(lower=0.1, upper=0.5)
-    router = GradientRouter(list(ranks))
+    router = GradientRouter(list(ranks), ["route2b", "random_v", "constant_w"], constant={"constant_w": "route2b"})
     for _ in range(2):  # two micro-batches
-        rollouts = {name: torch.empty(4, r, device=meta) for name, r in ranks.items()}
+        rollouts = ModuleRows.of({name: torch.empty(4, r, device=meta) for name, r in ranks.items()})
+        router.add_examples(rollouts)
         rollout_gate = gate(rollouts, direction, band)
         if granularity == "rollout":
-            router.add(rollout_gate)
+            fraction = router.add("route2b", rollout_gate)
         else:
             tokens = {name: torch.empty(9, r, device=meta) for name, r in ranks.items()}
             example_of_token = torch.empty(9, dtype=torch.long, device=meta)
-            router.add_tokens(rollout_gate, gate(tokens, direction, band), example_of_token)
+            fraction = router.add_tokens("route2b", rollout_gate, gate(tokens, direction, band), example_of_token)
+        live = lambda scores, masses: frout_matched_band(scores, masses, fraction, scores.std())  # noqa: E731
+        router.add("random_v", gate(rollouts, direction, live))
     knob_grads, names, scalars = router._reduce_on_device(reduce=lambda flat: flat * 2, grad_scale=0.5)
-    assert knob_grads.shape == (2, 8) and knob_grads.device == meta
+    assert knob_grads.shape == (4, 8) and knob_grads.device == meta
     assert scalars.shape == (len(names),)
     with pytest.raises((NotImplementedError, RuntimeError)):  # the one host read, which meta cannot serve
         router.finish()

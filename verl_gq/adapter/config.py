@@ -1,4 +1,4 @@
-"""Options of the quarantine adapter: which linears get the two SVD knobs, and at what rank."""
+"""Options of the quarantine adapter: which linears get SVD knobs, at what rank, and which quarantines they carry."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Union
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# A quarantine is named like a Python identifier (it becomes a metric key, a file key and a folder name).
+QUARANTINE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class AdapterConfigError(ValueError):
@@ -16,7 +18,7 @@ class AdapterConfigError(ValueError):
 
 @dataclass
 class QuarantineAdapterConfig:
-    """Which `nn.Linear` modules get knobs, and how many SVD directions each keeps.
+    """Which `nn.Linear` modules get knobs, how many SVD directions each keeps, and the quarantines they carry.
 
     rank: r, the number of top singular triplets kept per module, a positive int or "full" (= min(d_out, d_in)).
         An int larger than a targeted module's min(d_out, d_in) is an error at injection, not silently clipped.
@@ -25,11 +27,14 @@ class QuarantineAdapterConfig:
         `?` or `[` is an fnmatch pattern over the full name; a pattern starting with `re:` is a regex that must
         match the full name. Default: every attention and MLP projection of a decoder layer.
     freeze_base: make every parameter that is not a knob non-trainable at injection (route2b trains knobs only).
+    quarantines: names of the quarantine knobs beside the effective knob, one per router (none for vanilla). The
+        deployed view of quarantine `name` is the effective knob minus that quarantine.
     """
 
     rank: Union[int, str] = 64
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     freeze_base: bool = True
+    quarantines: list[str] = field(default_factory=lambda: ["quarantine"])
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not (self.rank == "full" or (isinstance(self.rank, int) and self.rank > 0)):
@@ -47,6 +52,14 @@ class QuarantineAdapterConfig:
                     re.compile(pattern[3:])
                 except re.error as err:
                     raise AdapterConfigError(f"target_modules entry {pattern!r}: bad regex ({err})") from err
+        if isinstance(self.quarantines, str):
+            raise AdapterConfigError(f"quarantines={self.quarantines!r}: must be a list of names")
+        self.quarantines = list(self.quarantines)
+        for name in self.quarantines:
+            if not isinstance(name, str) or not QUARANTINE_NAME.fullmatch(name):
+                raise AdapterConfigError(f"quarantines entry {name!r}: a name of letters, digits and _ (not first a digit)")
+        if len(set(self.quarantines)) != len(self.quarantines):
+            raise AdapterConfigError(f"quarantines={self.quarantines}: a name appears twice")
 
     def matches(self, module_name: str) -> bool:
         """True if `module_name` (a full dotted name) is targeted by any pattern."""

@@ -1,11 +1,15 @@
-"""`SVDQuarantineLinear`: a linear layer with two diagonal knobs in the top-r SVD basis of its own weight.
+"""`SVDQuarantineLinear`: a linear layer with trainable diagonal knobs in the top-r SVD basis of its own weight.
 
     a = x V_r                                   (r per token)
-    h = a * (keep + c * quarantine)             (c: quarantine coefficient, 1 in training, 0 deployed)
+    h = a * scale                               (scale: the view's diagonal, below)
     y = x W^T + b + h U_r^T
 
-The two knobs are the rows of one (2, r) parameter, `knobs[KEEP]` and `knobs[QUARANTINE]`: the optimizer, gradient
-clipping and zeroing then see one small tensor per module instead of two (their cost is per tensor, not per entry).
+The knobs are the columns of one (r, 1 + Q) parameter: column EFFECTIVE is the knob the model trains on (s, what
+vanilla training would have), columns 1..Q are quarantine accumulators (q_j, one per router). The view picks the
+diagonal: as trained, scale = s; deployed without quarantine j, scale = s - q_j. One parameter per module keeps the
+optimizer, clipping and zeroing at one small tensor per module (their cost is per tensor, not per entry), and r is
+its first dimension so that FSDP, which shards dim 0, keeps every column of an entry on one rank: the optimizer's
+shared second moment (routing/optimizer.py) is then a local, elementwise computation.
 
 The layer replaces the targeted `nn.Linear` at the same module path and reuses its `weight` and `bias` Parameter
 objects, so the base weight keeps its Hugging Face name (`...q_proj.weight`) for checkpointing and weight sync.
@@ -19,17 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KEEP, QUARANTINE = 0, 1  # rows of SVDQuarantineLinear.knobs
+EFFECTIVE = 0  # column of SVDQuarantineLinear.knobs the model trains on; column j >= 1 is quarantine j
+AS_TRAINED = 0  # the view of the effective knob alone
 
-# (a, knobs, quarantine_coefficient) -> h. The routing capture installs one of these to see the knob gradients in the
-# backward; None means the ordinary product.
-KnobApplication = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (a, knobs, view) -> h. The routing capture installs one of these to see the knob gradients in the backward; None
+# means the ordinary product.
+KnobApplication = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def knob_scale(knobs: torch.Tensor, quarantine_coefficient: float) -> torch.Tensor:
-    """keep + c * quarantine of (2, r) knobs: the diagonal of the layer's update in the SVD basis."""
-    keep, quarantine = knobs.unbind(0)
-    return torch.add(keep, quarantine, alpha=quarantine_coefficient)
+def knob_scale(knobs: torch.Tensor, view: int) -> torch.Tensor:
+    """The diagonal of the layer's update in the SVD basis for a view of (r, 1 + Q) knobs: the effective column as
+    trained (view 0, no arithmetic: exactly what training used), or the effective column minus quarantine `view`."""
+    if view == AS_TRAINED:
+        return knobs[:, EFFECTIVE]
+    return knobs[:, EFFECTIVE] - knobs[:, view]
 
 
 def knob_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
@@ -50,25 +57,26 @@ def svd_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
 
 
 class SVDQuarantineLinear(nn.Linear):
-    """An `nn.Linear` with frozen SVD bases and two trainable diagonal knobs (kept and quarantine).
+    """An `nn.Linear` with frozen SVD bases and trainable diagonal knobs (the effective knob and Q quarantines).
 
     Parameters (all on this module, so FSDP shards them with the model):
       weight, bias: the base layer's own Parameter objects (not copies).
       basis_u (d_out x r), basis_v (d_in x r): top-r left/right singular vectors of the base weight at
         construction, `requires_grad=False`. Parameters rather than buffers so FSDP shards them.
-      knobs (2, r): row KEEP the kept knob, row QUARANTINE the quarantine knob; zeros at construction, so the layer
-        equals the base exactly.
+      knobs (r, 1 + Q): column EFFECTIVE the effective knob, columns 1..Q the quarantines; zeros at construction,
+        so the layer equals the base exactly in every view.
 
     State (plain attributes, set by `QuarantineAdapter`):
-      quarantine_coefficient: c in the forward.
+      view: AS_TRAINED (0), or j >= 1: deployed without quarantine j.
       adapter_enabled: False makes the forward exactly the base layer (the reference policy).
-      knob_application: None, or a `KnobApplication` that replaces `a * (keep + c * quar)`.
+      knob_application: None, or a `KnobApplication` that replaces `a * knob_scale(knobs, view)`.
 
     On the meta device no SVD is done: the bases and knobs are correctly shaped empty meta tensors, to be filled by
     the state that verl broadcasts from rank 0 after sharding.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, svd_device: Optional[torch.device] = None) -> None:
+    def __init__(self, base: nn.Linear, rank: int, n_quarantines: int = 1,
+                 svd_device: Optional[torch.device] = None) -> None:
         nn.Module.__init__(self)
         if not isinstance(base, nn.Linear):
             raise TypeError(f"SVDQuarantineLinear wraps an nn.Linear, got {type(base).__name__}")
@@ -77,6 +85,8 @@ class SVDQuarantineLinear(nn.Linear):
         d_out, d_in = base.weight.shape
         if not 0 < rank <= min(d_out, d_in):
             raise ValueError(f"rank={rank} must lie in [1, min(d_out, d_in)={min(d_out, d_in)}] for a {d_out}x{d_in} weight")
+        if n_quarantines < 0:
+            raise ValueError(f"n_quarantines={n_quarantines} must be >= 0")
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.weight = base.weight
@@ -88,13 +98,16 @@ class SVDQuarantineLinear(nn.Linear):
         device, dtype = base.weight.device, base.weight.dtype
         self.basis_u = nn.Parameter(torch.empty(d_out, rank, device=device, dtype=dtype), requires_grad=False)
         self.basis_v = nn.Parameter(torch.empty(d_in, rank, device=device, dtype=dtype), requires_grad=False)
-        knob_dtype = knob_dtype_for(dtype)
-        self.knobs = nn.Parameter(torch.zeros(2, rank, device=device, dtype=knob_dtype))
-        self.quarantine_coefficient: float = 1.0
+        self.knobs = nn.Parameter(torch.zeros(rank, 1 + n_quarantines, device=device, dtype=knob_dtype_for(dtype)))
+        self.view: int = AS_TRAINED
         self.adapter_enabled: bool = True
         self.knob_application: Optional[KnobApplication] = None
         if device.type != "meta":
             self.compute_basis(svd_device)
+
+    @property
+    def n_quarantines(self) -> int:
+        return self.knobs.shape[1] - 1
 
     @torch.no_grad()
     def compute_basis(self, svd_device: Optional[torch.device] = None) -> None:
@@ -113,27 +126,27 @@ class SVDQuarantineLinear(nn.Linear):
             return y
         a = torch.matmul(x, self.basis_v)
         if self.knob_application is None:
-            h = a * knob_scale(self.knobs, self.quarantine_coefficient).to(a.dtype)
+            h = a * knob_scale(self.knobs, self.view).to(a.dtype)
         else:
-            h = self.knob_application(a, self.knobs, self.quarantine_coefficient)
+            h = self.knob_application(a, self.knobs, self.view)
         return y + torch.matmul(h, self.basis_u.T)
 
     @torch.no_grad()
-    def merged_weight(self, quarantine_coefficient: float) -> torch.Tensor:
-        """W + U_r diag(keep + c * quar) V_r^T as a new tensor in the weight's dtype (the layer is not changed).
+    def merged_weight(self, view: int) -> torch.Tensor:
+        """W + U_r diag(knob_scale(knobs, view)) V_r^T as a new tensor in the weight's dtype (the layer is not changed).
 
         Under FSDP2 the parameters are DTensors: they are gathered here (a collective every rank must join in the
         same order)."""
         weight, u, v = full_tensor(self.weight), full_tensor(self.basis_u), full_tensor(self.basis_v)
-        scale = knob_scale(full_tensor(self.knobs), quarantine_coefficient)
         work = torch.promote_types(weight.dtype, torch.float32)
-        delta = (u.to(work) * scale.to(work)) @ v.to(work).T
+        scale = knob_scale(full_tensor(self.knobs).to(work), view)
+        delta = (u.to(work) * scale) @ v.to(work).T
         return (weight.to(work) + delta).to(weight.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"rank={self.rank}, quarantine_coefficient={self.quarantine_coefficient}, "
+            f"rank={self.rank}, quarantines={self.n_quarantines}, view={self.view}, "
             f"adapter_enabled={self.adapter_enabled}"
         )
 

@@ -1,4 +1,5 @@
-"""Inject quarantine knobs into a model, switch them, merge them, deploy, save and load them."""
+"""Inject quarantine knobs into a model, switch its view (as trained, or deployed without a quarantine), merge the
+knobs into plain weights, save and load them."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from verl_gq.adapter.config import AdapterConfigError, QuarantineAdapterConfig, pattern_matches
-from verl_gq.adapter.layer import KEEP, QUARANTINE, SVDQuarantineLinear, full_tensor
+from verl_gq.adapter.layer import AS_TRAINED, EFFECTIVE, SVDQuarantineLinear, full_tensor
 
-# The file names each knob on its own (adapter.<module>.keep_knob / .quarantine_knob), whatever the in-memory layout.
-FILE_FORMAT = "verl_gq.quarantine_adapter/1"
+# The file names each knob on its own: adapter.<module>.effective_knob and adapter.<module>.quarantine_knob.<name>.
+FILE_FORMAT = "verl_gq.quarantine_adapter/2"
+# Format /1 held a kept and one quarantine knob per module (effective = kept + quarantine); it still loads.
+FILE_FORMAT_V1 = "verl_gq.quarantine_adapter/1"
+EFFECTIVE_KEY = "effective_knob"
+QUARANTINE_KEY = "quarantine_knob"
 # Parameters that belong to the adapter, not to the Hugging Face model (excluded from merged weights).
 ADAPTER_PARAMETER_NAMES = ("basis_u", "basis_v", "knobs")
 FINGERPRINT_PROBES = 4
@@ -63,7 +68,7 @@ def inject_quarantine_adapter(
         if not config.matches(name):
             continue
         rank = config.rank_for(name, linear.out_features, linear.in_features)
-        layer = SVDQuarantineLinear(linear, rank, svd_device=device)
+        layer = SVDQuarantineLinear(linear, rank, n_quarantines=len(config.quarantines), svd_device=device)
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, layer)
         layers[name] = layer
@@ -86,7 +91,6 @@ class QuarantineAdapter:
         self.model = model
         self.config = config
         self.layers = layers
-        self.deployed = False
         # Set by a wrapper whose backward hooks need every knob to receive autograd's gradient (FSDP1 restores its
         # parameters only in post-backward hooks of flat parameters that get one): stash-mode captures then keep
         # the knobs in the graph (verl_gq/routing/capture.py).
@@ -96,36 +100,48 @@ class QuarantineAdapter:
     def module_names(self) -> list[str]:
         return list(self.layers)
 
+    @property
+    def quarantine_names(self) -> list[str]:
+        """The quarantines, in column order (column j + 1 of every layer's knobs is quarantine j)."""
+        return list(self.config.quarantines)
+
     def knob_parameters(self) -> list[nn.Parameter]:
-        """The (2, r) knobs (keep, quarantine) of every layer: what the optimizer trains."""
+        """The (r, 1 + Q) knobs (effective, quarantines) of every layer: what the optimizer trains."""
         return [layer.knobs for layer in self.layers.values()]
 
-    # --- switches -------------------------------------------------------------------------------------------
+    # --- views ----------------------------------------------------------------------------------------------
 
-    def set_quarantine_coefficient(self, coefficient: float) -> None:
-        """c in every layer: 1 while training, 0 to evaluate without the quarantine (deploy view)."""
-        if self.deployed and coefficient != 0.0:
-            raise RuntimeError("the quarantine was removed by deploy(); the coefficient stays 0")
+    def view_column(self, view: Optional[str]) -> int:
+        """The knob column a view subtracts: 0 for the model as trained (None), j + 1 for quarantine j deleted."""
+        if view is None:
+            return AS_TRAINED
+        if view not in self.config.quarantines:
+            raise KeyError(f"no quarantine named {view!r}; this adapter has {self.quarantine_names} (None: as trained)")
+        return 1 + self.config.quarantines.index(view)
+
+    def set_view(self, view: Optional[str]) -> None:
+        """None: the model as trained (the effective knob); a quarantine's name: the model deployed without it."""
+        column = self.view_column(view)
         for layer in self.layers.values():
-            layer.quarantine_coefficient = float(coefficient)
+            layer.view = column
 
     @property
-    def quarantine_coefficient(self) -> float:
-        values = {layer.quarantine_coefficient for layer in self.layers.values()}
-        if len(values) != 1:
-            raise RuntimeError(f"layers disagree on the quarantine coefficient: {sorted(values)}")
-        return values.pop()
+    def view(self) -> Optional[str]:
+        columns = {layer.view for layer in self.layers.values()}
+        if len(columns) != 1:
+            raise RuntimeError(f"layers disagree on the view: columns {sorted(columns)}")
+        column = columns.pop()
+        return None if column == AS_TRAINED else self.config.quarantines[column - 1]
 
     @contextlib.contextmanager
-    def quarantine(self, coefficient: float) -> Iterator[None]:
-        """Temporarily set c (e.g. `with adapter.quarantine(0.0): evaluate()`)."""
-        previous = self.quarantine_coefficient
-        self.set_quarantine_coefficient(coefficient)
+    def viewing(self, view: Optional[str]) -> Iterator[None]:
+        """Temporarily set the view (e.g. `with adapter.viewing("route2b"): evaluate()` for route2b's deployed model)."""
+        previous = self.view
+        self.set_view(view)
         try:
             yield
         finally:
-            for layer in self.layers.values():
-                layer.quarantine_coefficient = previous
+            self.set_view(previous)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -139,40 +155,25 @@ class QuarantineAdapter:
             for name, layer in self.layers.items():
                 layer.adapter_enabled = previous[name]
 
-    @torch.no_grad()
-    def deploy(self) -> None:
-        """Remove the quarantine for good: quarantine knobs set to exactly 0 and c fixed at 0.
+    # --- merged weights for a rollout engine or an export ---------------------------------------------------
 
-        The quarantine row then acts in no forward, so it receives a zero gradient, which a fresh optimizer turns into
-        no update. It shares its parameter with the kept row, so it is not frozen on its own: deploy for evaluation and
-        export, after training. Pending knob gradients are dropped."""
-        for layer in self.layers.values():
-            knobs = full_tensor(layer.knobs)
-            _copy_into(layer.knobs, torch.stack([knobs[KEEP], torch.zeros_like(knobs[QUARANTINE])]))
-            layer.knobs.grad = None
-            layer.quarantine_coefficient = 0.0
-        self.deployed = True
+    def merged_weights(self, view: Optional[str] = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream (hf_name, tensor) of the model's state with each adapted weight merged for `view` (None: as
+        trained; a quarantine's name: deployed without it).
 
-    # --- merged weights for a rollout engine ----------------------------------------------------------------
-
-    def merged_weights(self, quarantine_on: bool) -> Iterator[tuple[str, torch.Tensor]]:
-        """Stream (hf_name, tensor) of the model's state with each adapted weight merged.
-
-        Adapted weights become W + U_r diag(keep + c * quar) V_r^T with c = 1 if `quarantine_on` else 0; every other
-        entry of `model.state_dict()` is passed through untouched (the same tensor, gathered if a DTensor); the
-        adapter's own parameters are left out. One merged tensor exists at a time: consume the stream, do not
-        `dict()` it, when memory matters. Under FSDP2 every rank must iterate in step (gathers are collectives).
+        Adapted weights become W + U_r diag(knob_scale) V_r^T; every other entry of `model.state_dict()` is passed
+        through untouched (the same tensor, gathered if a DTensor); the adapter's own parameters are left out. One
+        merged tensor exists at a time: consume the stream, do not `dict()` it, when memory matters. Under FSDP2
+        every rank must iterate in step (gathers are collectives).
         """
-        if quarantine_on and self.deployed:
-            raise RuntimeError("the quarantine was removed by deploy(); there is no knob-on view any more")
-        coefficient = 1.0 if quarantine_on else 0.0
+        column = self.view_column(view)
         weight_names = {f"{name}.weight": layer for name, layer in self.layers.items()}
         adapter_names = {f"{name}.{p}" for name in self.layers for p in ADAPTER_PARAMETER_NAMES}
         for name, tensor in self.model.state_dict().items():
             if name in adapter_names:
                 continue
             layer = weight_names.get(name)
-            yield name, (layer.merged_weight(coefficient) if layer is not None else full_tensor(tensor))
+            yield name, (layer.merged_weight(column) if layer is not None else full_tensor(tensor))
 
     # --- save / load ----------------------------------------------------------------------------------------
 
@@ -191,14 +192,15 @@ class QuarantineAdapter:
         extra_tensors: Optional[Mapping[str, torch.Tensor]] = None,
         metadata: Optional[Mapping[str, str]] = None,
     ) -> None:
-        """Write knobs, basis fingerprints, `extra_tensors` (direction, band, ...) and string `metadata` to ONE
+        """Write knobs, basis fingerprints, `extra_tensors` (directions, bands, ...) and string `metadata` to ONE
         safetensors file. The resolved adapter config is stored under metadata key `verl_gq.adapter_config`."""
         tensors: dict[str, torch.Tensor] = {}
         fingerprints = self.basis_fingerprints()
         for name, layer in self.layers.items():
             knobs = full_tensor(layer.knobs)
-            tensors[f"adapter.{name}.keep_knob"] = knobs[KEEP]
-            tensors[f"adapter.{name}.quarantine_knob"] = knobs[QUARANTINE]
+            tensors[f"adapter.{name}.{EFFECTIVE_KEY}"] = knobs[:, EFFECTIVE]
+            for column, quarantine in enumerate(self.config.quarantines, start=1):
+                tensors[f"adapter.{name}.{QUARANTINE_KEY}.{quarantine}"] = knobs[:, column]
             tensors[f"adapter.{name}.basis_fingerprint"] = fingerprints[name]
         for key, value in (extra_tensors or {}).items():
             if not isinstance(value, torch.Tensor):
@@ -213,7 +215,6 @@ class QuarantineAdapter:
                 "verl_gq.format": FILE_FORMAT,
                 "verl_gq.adapter_config": json.dumps(self.config.to_dict(), sort_keys=True),
                 "verl_gq.module_names": json.dumps(self.module_names),
-                "verl_gq.deployed": json.dumps(self.deployed),
             }
         )
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
@@ -222,26 +223,25 @@ class QuarantineAdapter:
     def load(self, path: Union[str, Path]) -> AdapterFile:
         """Load knobs saved by `save` into this model after checking that the file belongs to it.
 
-        Fails with `AdapterLoadError` when the file is not an adapter file, its modules or ranks differ, or a
-        module's basis fingerprint does not match (the file was made on another base model). Returns the extra
-        tensors and the user metadata.
+        Fails with `AdapterLoadError` when the file is not an adapter file, its modules, ranks or quarantines differ,
+        a knob is not finite, or a module's basis fingerprint does not match (the file was made on another base
+        model). Returns the extra tensors and the user metadata. A file of format /1 (a kept and one quarantine knob
+        per module) loads as effective = kept + quarantine into an adapter with one quarantine.
         """
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            if meta.get("verl_gq.format") != FILE_FORMAT:
-                raise AdapterLoadError(f"{path}: not a {FILE_FORMAT} file (format={meta.get('verl_gq.format')!r})")
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        saved_names = json.loads(meta["verl_gq.module_names"])
-        if saved_names != self.module_names:
-            missing = sorted(set(self.module_names) - set(saved_names))
-            unexpected = sorted(set(saved_names) - set(self.module_names))
+        contents = read_adapter_file(path)
+        if contents.module_names != self.module_names:
+            missing = sorted(set(self.module_names) - set(contents.module_names))
+            unexpected = sorted(set(contents.module_names) - set(self.module_names))
             raise AdapterLoadError(
                 f"{path}: adapted modules differ from this model's (missing {missing[:5]}, unexpected "
                 f"{unexpected[:5]}, or a different order); the file should come from the same target_modules"
             )
+        if contents.quarantines != self.quarantine_names:
+            raise AdapterLoadError(f"{path}: the file's quarantines are {contents.quarantines}, this adapter's "
+                                   f"{self.quarantine_names}; build the adapter from adapter_config_of(path)")
         fingerprints = self.basis_fingerprints()
         for name, layer in self.layers.items():
-            saved = tensors[f"adapter.{name}.basis_fingerprint"]
+            saved = contents.fingerprints[name]
             if saved.shape != fingerprints[name].shape:
                 raise AdapterLoadError(
                     f"{path}: {name} was saved at rank {saved.shape[0]}, this model has rank {layer.rank}"
@@ -253,14 +253,87 @@ class QuarantineAdapter:
                     f"{FINGERPRINT_MIN_COSINE}): the knobs were trained on another base model and mean nothing here"
                 )
         for name, layer in self.layers.items():
-            rows = [tensors[f"adapter.{name}.{knob}"] for knob in ("keep_knob", "quarantine_knob")]
-            if any(row.shape != (layer.rank,) for row in rows):
-                raise AdapterLoadError(f"{path}: {name}'s knobs have shapes {[tuple(r.shape) for r in rows]}, this "
-                                       f"model's are ({layer.rank},)")
-            _copy_into(layer.knobs, torch.stack(rows))
-        extra = {key[len("extra.") :]: value for key, value in tensors.items() if key.startswith("extra.")}
-        user_meta = {k: v for k, v in meta.items() if not k.startswith("verl_gq.")}
-        return AdapterFile(extra_tensors=extra, metadata=user_meta)
+            knobs = contents.knobs[name]
+            if knobs.shape != tuple(layer.knobs.shape):
+                raise AdapterLoadError(f"{path}: {name}'s knobs have shape {tuple(knobs.shape)}, this model's "
+                                       f"{tuple(layer.knobs.shape)}")
+            _copy_into(layer.knobs, knobs)
+        return AdapterFile(extra_tensors=contents.extra_tensors, metadata=contents.metadata)
+
+
+@dataclass(frozen=True)
+class AdapterFileContents:
+    """An adapter file read and checked on its own (no model): knobs as (r, 1 + Q) per module, in file order."""
+
+    config: QuarantineAdapterConfig
+    module_names: list[str]
+    knobs: dict[str, torch.Tensor]
+    fingerprints: dict[str, torch.Tensor]
+    extra_tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @property
+    def quarantines(self) -> list[str]:
+        return list(self.config.quarantines)
+
+
+def read_adapter_file(path: Union[str, Path]) -> AdapterFileContents:
+    """Read an adapter file (format /2, or /1 of one kept and one quarantine knob per module) and check it on its own:
+    every module has its knobs and fingerprint, shapes agree, and every knob is finite. Errors name the file and the
+    module."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            file_format = meta.get("verl_gq.format")
+            if file_format not in (FILE_FORMAT, FILE_FORMAT_V1):
+                raise AdapterLoadError(f"{path}: not a {FILE_FORMAT} file (format={file_format!r})")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except AdapterLoadError:
+        raise
+    except Exception as error:  # safetensors raises its own types for a truncated or garbled file
+        raise AdapterLoadError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from None
+    try:
+        module_names = json.loads(meta["verl_gq.module_names"])
+        config_dict = json.loads(meta["verl_gq.adapter_config"])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise AdapterLoadError(f"{path}: metadata lacks a readable verl_gq.module_names / adapter_config ({error})") \
+            from None
+    user_meta = {k: v for k, v in meta.items() if not k.startswith("verl_gq.")}
+    if file_format == FILE_FORMAT_V1:
+        # one kept and one quarantine knob per module: effective = kept + quarantine, the quarantine named by the run
+        config_dict["quarantines"] = [user_meta.get("arm") or "quarantine"]
+    try:
+        config = QuarantineAdapterConfig(**config_dict)
+    except (TypeError, AdapterConfigError) as error:
+        raise AdapterLoadError(f"{path}: metadata verl_gq.adapter_config is not a valid adapter config ({error})") \
+            from None
+    knobs, fingerprints = {}, {}
+    for name in module_names:
+        try:
+            fingerprints[name] = tensors[f"adapter.{name}.basis_fingerprint"]
+            if file_format == FILE_FORMAT_V1:
+                kept, quarantine = tensors[f"adapter.{name}.keep_knob"], tensors[f"adapter.{name}.quarantine_knob"]
+                columns = [kept + quarantine, quarantine]
+            else:
+                columns = [tensors[f"adapter.{name}.{EFFECTIVE_KEY}"]] + [
+                    tensors[f"adapter.{name}.{QUARANTINE_KEY}.{q}"] for q in config.quarantines]
+        except KeyError as error:
+            raise AdapterLoadError(f"{path}: module {name} lacks tensor {error}") from None
+        if len({tuple(c.shape) for c in columns}) != 1 or columns[0].dim() != 1:
+            raise AdapterLoadError(f"{path}: {name}'s knobs have shapes {[tuple(c.shape) for c in columns]}, "
+                                   f"should be equal vectors of the module's rank")
+        stacked = torch.stack(columns, dim=1)
+        if not bool(torch.isfinite(stacked).all()):
+            raise AdapterLoadError(f"{path}: {name}'s knobs hold NaN or inf values: the run diverged or the file "
+                                   f"is damaged")
+        knobs[name] = stacked
+    extra = {key[len("extra.") :]: value for key, value in tensors.items() if key.startswith("extra.")}
+    return AdapterFileContents(config, module_names, knobs, fingerprints, extra, user_meta)
+
+
+def adapter_config_of(path: Union[str, Path]) -> QuarantineAdapterConfig:
+    """The adapter config a file was saved with (quarantines included), to build the adapter it loads into."""
+    return read_adapter_file(path).config
 
 
 def _fingerprint(basis_u: torch.Tensor, basis_v: torch.Tensor) -> torch.Tensor:

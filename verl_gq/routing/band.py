@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -36,33 +36,46 @@ BAND_KEY = "band"
 
 @dataclass(frozen=True)
 class Band:
-    """Routed fraction w = clip((score - lower) / (upper - lower), 0, 1); nothing routed when degenerate."""
+    """Routed fraction w = clip((score - lower) / (upper - lower), 0, 1); nothing routed when degenerate.
 
-    lower: float
-    upper: float
+    The bounds are floats (a calibrated band), or 0-dim tensors on the scores' device (a band placed from the
+    live batch, `frout_matched_band`), so that placing and applying it needs no host sync."""
+
+    lower: Union[float, torch.Tensor]
+    upper: Union[float, torch.Tensor]
 
     @property
-    def width(self) -> float:
+    def width(self) -> Union[float, torch.Tensor]:
         return self.upper - self.lower
 
     @property
     def degenerate(self) -> bool:
-        return not (self.upper > self.lower)  # also True for NaN bounds
+        return not bool(self.upper > self.lower)  # also True for NaN bounds
+
+    def degenerate_flag(self, device: torch.device) -> torch.Tensor:
+        """`degenerate` as a 0-dim bool tensor on `device`, without a host sync for tensor bounds."""
+        if isinstance(self.lower, torch.Tensor) or isinstance(self.upper, torch.Tensor):
+            return ~(torch.as_tensor(self.upper, device=device) > torch.as_tensor(self.lower, device=device))
+        return torch.tensor(self.degenerate).to(device, non_blocking=True)
 
     def weights(self, scores: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.lower, torch.Tensor) or isinstance(self.upper, torch.Tensor):
+            width = self.upper - self.lower
+            weights = ((scores - self.lower) / width).clamp(0.0, 1.0)
+            return torch.where(width > 0, weights, torch.zeros_like(weights))
         if self.degenerate:
             return torch.zeros_like(scores)
         return ((scores - self.lower) / self.width).clamp(0.0, 1.0)
 
-    def state(self) -> dict[str, torch.Tensor]:
+    def state(self, key: str = BAND_KEY) -> dict[str, torch.Tensor]:
         """Tensors to save with the adapter file."""
-        return {BAND_KEY: torch.tensor([self.lower, self.upper], dtype=torch.float64)}
+        return {key: torch.tensor([float(self.lower), float(self.upper)], dtype=torch.float64)}
 
     @classmethod
-    def from_state(cls, tensors: Mapping[str, torch.Tensor]) -> "Band":
-        if BAND_KEY not in tensors or tensors[BAND_KEY].shape != (2,):
-            raise ValueError(f"state should hold '{BAND_KEY}' = [lower, upper]")
-        lower, upper = tensors[BAND_KEY].tolist()
+    def from_state(cls, tensors: Mapping[str, torch.Tensor], key: str = BAND_KEY) -> "Band":
+        if key not in tensors or tensors[key].shape != (2,):
+            raise ValueError(f"state should hold '{key}' = [lower, upper]")
+        lower, upper = tensors[key].tolist()
         return cls(lower, upper)
 
 
@@ -134,20 +147,25 @@ def calibrate_band(
     return BandCalibration(band, clean_scores, hack_scores, folds)
 
 
-def frout_matched_band(scores: torch.Tensor, masses: torch.Tensor, target: float, width: float) -> Band:
+def frout_matched_band(scores: torch.Tensor, masses: torch.Tensor, target: Union[float, torch.Tensor],
+                       width: Union[float, torch.Tensor]) -> Band:
     """A band of the given width placed so that the routed fraction of gradient mass,
     sum_i w_i m_i / sum_i m_i with w_i = clip((s_i - lower) / width, 0, 1), equals `target`.
 
-    The routed fraction is continuous and non-increasing in `lower`, so bisection (64 steps, on the scores' device,
-    one host sync at the end) finds it. Used by the random-direction control to route the same mass as a real run.
+    The routed fraction is continuous and non-increasing in `lower`, so bisection (64 steps, on the scores' device)
+    finds it. `target` and `width` may be 0-dim tensors on that device (another router's routed fraction on this
+    micro-batch, the scores' own spread): the band's bounds are then tensors too and nothing waits for the device.
+    Used by the random-direction control to route the same mass as a real router.
     """
-    if not 0.0 < target < 1.0:
-        raise ValueError(f"target={target}: the routed fraction to match must lie in (0, 1)")
-    if not width > 0.0:
+    if not isinstance(target, torch.Tensor) and not 0.0 <= target <= 1.0:
+        raise ValueError(f"target={target}: the routed fraction to match must lie in [0, 1]")
+    if not isinstance(width, torch.Tensor) and not width > 0.0:
         raise ValueError(f"width={width}: frout matching needs a positive band width")
     if scores.shape != masses.shape or scores.dim() != 1 or scores.numel() == 0:
         raise ValueError(f"scores {tuple(scores.shape)} and masses {tuple(masses.shape)} must be equal non-empty 1-D")
     scores, masses = scores.double(), masses.double()
+    width = torch.as_tensor(width, dtype=torch.float64).to(scores.device, non_blocking=True)
+    target = torch.as_tensor(target, dtype=torch.float64).to(scores.device, non_blocking=True)
     total = masses.sum()
     low, high = scores.min() - width, scores.max()  # routed fraction 1 at `low`, 0 at `high`
     for _ in range(64):
@@ -156,9 +174,8 @@ def frout_matched_band(scores: torch.Tensor, masses: torch.Tensor, target: float
         above = routed > target * total
         low = torch.where(above, middle, low)
         high = torch.where(above, high, middle)
-    lower = ((low + high) / 2).item()
+    lower = (low + high) / 2
     return Band(lower, lower + width)
-
 
 
 def fit_direction_and_band(
@@ -191,11 +208,30 @@ def fit_direction_and_band(
                            max_tokens=max_tokens)
     if grads.n_pairs != len(pairs):
         raise ValueError(f"gathered {grads.n_pairs} pair gradients for {len(pairs)} pairs")
-    folds = assign_folds([pair.mode for pair in pairs], n_folds, seed)
+    return direction_and_band(grads, [pair.mode for pair in pairs], n_folds=n_folds, seed=seed, k=k,
+                              clean_quantile=clean_quantile, hack_quantile=hack_quantile, haar_seed=haar_seed)
+
+
+def direction_and_band(
+    pair_grads: PairGradients,
+    modes: Sequence[str],
+    n_folds: int = 2,
+    seed: int = 0,
+    k: int = 1,
+    clean_quantile: float = 0.9,
+    hack_quantile: float = 0.1,
+    haar_seed: Optional[int] = None,
+) -> tuple[Direction, BandCalibration]:
+    """`fit_direction_and_band` from pair gradients already taken (`modes[i]`: pair i's mode): the live direction
+    from all of them, and the band cross-fitted over folds dealt from them. Several routers that share one refresh
+    take the pair gradients once and each its own subset (`PairGradients.subset`)."""
+    if len(modes) != pair_grads.n_pairs:
+        raise ValueError(f"{len(modes)} modes for {pair_grads.n_pairs} pairs")
+    folds = assign_folds(list(modes), n_folds, seed)
 
     def make_direction(fold_grads: PairGradients) -> Direction:
         real = extract_direction(fold_grads, k)
         return real if haar_seed is None else haar_direction(real, haar_seed)
 
-    calibration = calibrate_band(grads, folds, make_direction, clean_quantile, hack_quantile)
-    return make_direction(grads), calibration
+    calibration = calibrate_band(pair_grads, folds, make_direction, clean_quantile, hack_quantile)
+    return make_direction(pair_grads), calibration

@@ -1,7 +1,7 @@
 """Per-example (and per-token) knob gradients from the ordinary backward pass, computed by autograd itself.
 
-For a module with a_t = V_r^T x_t and b_t = dL/dh_t, the gradient of L with respect to the effective knob scale
-(keep + c * quar) is sum_t a_t * b_t. The per-position term g_t = a_t * b_t is what flows through position t, and
+For a module with a_t = V_r^T x_t and b_t = dL/dh_t, the gradient of L with respect to the knob scale (the
+effective knob, in the as-trained view training runs in) is sum_t a_t * b_t. The per-position term g_t = a_t * b_t is what flows through position t, and
 an example's gradient is the sum of its positions' terms.
 
 In stash mode each module multiplies position t by a per-example copy of the scale,
@@ -12,14 +12,13 @@ backward. A row is an example, or, per token, a stashed token position (its own 
 positions (the example's remainder row). When every batch row of a padded micro-batch is one example whole
 (`Segments.batch_rows`), the leaf is (n_examples x 1 x r) and multiplies by broadcasting: no gather, and the backward
 is the same reduction vanilla's knob gradient is, per batch row. Gradient checkpointing re-runs the forward against
-the same leaf, so nothing changes under it. dL/dkeep = sum_t g_t and dL/dquar = c * dL/dkeep, so one stash serves
-both knobs.
+the same leaf, so nothing changes under it.
 
 The knobs themselves stay out of this backward (the caller writes their routed gradients), which saves each module
 autograd's total nodes. A wrapper whose backward hooks need every knob to receive a gradient (FSDP1: it restores
 its parameters in post-backward hooks that fire only for flat parameters that get one) sets the adapter's
 `knob_gradient_totals`: the leaf then holds zeros added to the live scale, and the knobs' `.grad` receive autograd's
-totals (keep row: dL/dkeep, quarantine row: c dL/dkeep), for the caller to replace.
+totals (the effective column: dL/ds), for the caller to replace.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from verl_gq.adapter.layer import knob_scale
+from verl_gq.adapter.layer import AS_TRAINED, EFFECTIVE, knob_scale
 from verl_gq.adapter.model import QuarantineAdapter
 
 CAPTURE_MODES = ("plain", "stash")
@@ -176,14 +175,14 @@ class Segments:
 class KnobGradientCapture:
     """Installs itself on every layer of an adapter for the duration of a `with` block.
 
-    mode "plain": the vanilla path. Ordinary autograd; the knobs' `.grad` receive the whole gradient in the keep row
-        and zeros in the quarantine row (its value still acts in the forward). Nothing is stashed.
-    mode "stash": after each backward, `example_rows()` holds the (n_examples, sum r) gradients dL/dkeep of each
+    mode "plain": the vanilla path. Ordinary autograd; the knobs' `.grad` receive the whole gradient in the effective
+        column and zeros in the quarantine columns. Nothing is stashed.
+    mode "stash": after each backward, `example_rows()` holds the (n_examples, sum r) gradients dL/ds of each
         example, and with `Segments.token_positions` set, `token_rows()` the (n_tokens, sum r) per-position terms.
         Stashes are float32 at least (batch rows: each example's sum is reduced in the activations' dtype, as
         vanilla's knob gradient is) and accumulate over repeated backwards until the next `set_segments`. The
         knobs' `.grad` are left as they are, unless the adapter's `knob_gradient_totals` is set: then they receive
-        autograd's own totals (keep row: dL/dkeep, quarantine row: c dL/dkeep), for the caller to replace.
+        autograd's own totals (effective column: dL/ds), for the caller to replace.
 
     Call `set_segments` before each micro-batch's forward; the segments active at a module's forward are the ones
     its backward uses (so a recomputed forward under checkpointing sees the same ones).
@@ -260,23 +259,26 @@ class KnobGradientCapture:
             )
         return stash
 
-    def _apply_plain(self, name: str, a: torch.Tensor, knobs: torch.Tensor, coefficient: float) -> torch.Tensor:
-        keep, quarantine = knobs.unbind(0)
-        return a * torch.add(keep, quarantine.detach(), alpha=coefficient).to(a.dtype)
+    def _apply_plain(self, name: str, a: torch.Tensor, knobs: torch.Tensor, view: int) -> torch.Tensor:
+        # the effective column takes the whole gradient; the quarantines get exactly zero (they act only in a view)
+        scale = knobs[:, EFFECTIVE]
+        if view != AS_TRAINED:
+            scale = scale - knobs[:, view].detach()
+        return a * scale.to(a.dtype)
 
-    def _apply_stash(self, name: str, a: torch.Tensor, knobs: torch.Tensor, coefficient: float) -> torch.Tensor:
+    def _apply_stash(self, name: str, a: torch.Tensor, knobs: torch.Tensor, view: int) -> torch.Tensor:
         scale_rows = self._scale_rows.get(name)
         if scale_rows is None:  # first forward of this module in this micro-batch (a recompute finds it)
-            scale_rows = self._scale_rows[name] = self._new_scale_rows(name, a, knobs, coefficient)
+            scale_rows = self._scale_rows[name] = self._new_scale_rows(name, a, knobs, view)
         if self.adapter.knob_gradient_totals:
-            scale_rows = knob_scale(knobs, coefficient) + scale_rows
+            scale_rows = knob_scale(knobs, view) + scale_rows
         # in the stash dtype; in the activations' dtype like vanilla's scale. Batch rows: (n, 1, r) broadcast over
         # each row's positions; else (n_rows, r) gathered per position
         if self.segments.batch_rows:
             return a * scale_rows.to(a.dtype)  # already that dtype, unless knob_gradient_totals promoted it
         return a * scale_rows.index_select(0, self.segments.row_of_position).to(a.dtype).view(a.shape)
 
-    def _new_scale_rows(self, name: str, a: torch.Tensor, knobs: torch.Tensor, coefficient: float) -> torch.Tensor:
+    def _new_scale_rows(self, name: str, a: torch.Tensor, knobs: torch.Tensor, view: int) -> torch.Tensor:
         segments = self.segments
         if segments is None:
             raise RuntimeError("stash capture needs set_segments(...) before the forward")
@@ -302,7 +304,7 @@ class KnobGradientCapture:
             value = self._zero
         else:
             dtype = a.dtype if segments.batch_rows else self._stash_dtype
-            value = knob_scale(knobs.detach(), coefficient).to(dtype)
+            value = knob_scale(knobs.detach(), view).to(dtype)
         shape = (segments.n_examples, 1, a.shape[-1]) if segments.batch_rows else (segments.n_rows, a.shape[-1])
         return value.expand(shape).requires_grad_()
 

@@ -3,10 +3,11 @@
 For pair p and module m, g^m_hack,p and g^m_clean,p are the knob-coordinate gradients of log p(completion | prompt)
 (one stash-mode backward gives every completion's gradient). The pair difference D_p = g_hack,p - g_clean,p is
 divided by its global norm over all modules, so every pair weighs the same and each module keeps its share of the
-pair's difference. Per module, the top-k right singular vectors of the (pairs x r) matrix of normalised differences,
-each oriented hack-ward (most pairs project positively), scaled by sigma_j / sqrt(n_pairs) (the RMS share of the
-pair differences along it), are the direction rows. The scale weighs modules in the joint cosine by how much of the
-hack-vs-clean difference lives in them.
+pair's difference. With one direction (k = 1), each module's is the top right singular vector of its (pairs x r)
+matrix of normalised differences, oriented hack-ward (most pairs project positively), scaled by sigma / sqrt(n_pairs)
+(the RMS share of the pair differences along it): the scale weighs modules in the joint cosine by how much of the
+hack-vs-clean difference lives in them. With k > 1 directions, direction j is the j-th right singular vector of
+all modules' differences side by side (one vector across modules), oriented and scaled the same way.
 
 A direction is a plain dict {module_name: (k, r) tensor}: it saves with the adapter file as extra tensors.
 """
@@ -161,7 +162,14 @@ def pair_gradients(
 
 
 def extract_direction(pair_grads: PairGradients, k: int = 1) -> Direction:
-    """Per module, top-k hack-ward directions (k, r) of the normalised pair differences (see module docstring)."""
+    """The hack direction(s) {module: (k, r)} of the normalised pair differences (see module docstring).
+
+    k = 1: per module, the top right singular vector of that module's differences, scaled by its sigma / sqrt(n).
+    k > 1: direction j is ONE vector across all modules, the j-th right singular vector of the differences of all
+    modules side by side (a joint SVD), scaled by its sigma_j / sqrt(n) and cut back into modules: direction j
+    then means the same thing in every module (separate per-module SVDs would pair each module's j-th vector with
+    the others' arbitrarily). Every direction is oriented hack-ward: most pairs project positively on it (ties: the
+    sign of their sum)."""
     n = pair_grads.n_pairs
     diffs = {m: pair_grads.hack[m] - pair_grads.clean[m] for m in pair_grads.hack}
     _check_finite(diffs, "pair gradients")
@@ -169,22 +177,29 @@ def extract_direction(pair_grads: PairGradients, k: int = 1) -> Direction:
     zero = (norms == 0).nonzero().flatten().tolist()
     if zero:
         raise ValueError(f"pairs {zero} have identical hack and clean gradients (identical completions?)")
-    direction: Direction = {}
-    for name, diff in diffs.items():
-        rank = diff.shape[1]
-        if not 1 <= k <= min(n, rank):
-            raise ValueError(f"k={k} directions need 1 <= k <= min(n_pairs={n}, rank={rank}) ({name})")
-        normalised = diff.double() / norms.double()[:, None]
-        _, singular, vh = torch.linalg.svd(normalised, full_matrices=False)
-        rows = vh[:k]
-        projections = normalised @ rows.T
-        positive = (projections > 0).sum(0)
-        negative = (projections < 0).sum(0)
-        hackward = (positive > negative) | ((positive == negative) & (projections.sum(0) >= 0))
-        sign = torch.where(hackward, 1.0, -1.0).to(rows.dtype)
-        scale = singular[:k] / n**0.5
-        direction[name] = (rows * (sign * scale)[:, None]).to(torch.promote_types(diff.dtype, torch.float32))
-    return direction
+    dtype = torch.promote_types(next(iter(diffs.values())).dtype, torch.float32)
+    normalised = {m: d.double() / norms.double()[:, None] for m, d in diffs.items()}
+    if k == 1:
+        return {m: _hackward_singular_rows(d, 1, m).to(dtype) for m, d in normalised.items()}
+    joint = ModuleRows.of(normalised)
+    rows = _hackward_singular_rows(joint.rows, k, "all modules jointly")
+    return {m: part.to(dtype) for m, part in zip(joint.modules, rows.split(joint.ranks, dim=1))}
+
+
+def _hackward_singular_rows(normalised: torch.Tensor, k: int, what: str) -> torch.Tensor:
+    """The top-k right singular vectors (k, columns) of a (pairs x columns) matrix, each oriented so that most rows
+    project positively on it, scaled by sigma_j / sqrt(pairs)."""
+    n, columns = normalised.shape
+    if not 1 <= k <= min(n, columns):
+        raise ValueError(f"k={k} directions need 1 <= k <= min(n_pairs={n}, rank={columns}) ({what})")
+    _, singular, vh = torch.linalg.svd(normalised, full_matrices=False)
+    rows = vh[:k]
+    projections = normalised @ rows.T
+    positive = (projections > 0).sum(0)
+    negative = (projections < 0).sum(0)
+    hackward = (positive > negative) | ((positive == negative) & (projections.sum(0) >= 0))
+    sign = torch.where(hackward, 1.0, -1.0).to(rows.dtype)
+    return rows * (sign * singular[:k] / n**0.5)[:, None]
 
 
 def haar_direction(like: Mapping[str, torch.Tensor], seed: int) -> Direction:

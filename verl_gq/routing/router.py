@@ -1,24 +1,29 @@
-"""Assemble the kept and quarantine knob gradients from stashed per-example gradients and gate weights.
+"""Assemble one optimizer step's knob gradients: the total (effective) gradient and each router's quarantine share.
 
-kept = sum_u (1 - w_u) g_u, quarantine = sum_u w_u g_u over gate units u, accumulated over micro-batches. Units are
-rollouts (granularity "rollout"), or, per token, each stashed response token t with its own w_t plus each rollout's
-remainder R_i = g_i - sum_{t in i} g_t (its positions outside the stashed tokens: prompt and padding-free context)
-with the rollout's w_i. Either way sum_u g_u = sum_i g_i, so kept + quarantine = the vanilla gradient exactly.
+Over the micro-batches of a step, `add_examples` sums every example's stashed gradient into the total
+g = sum_i g_i, which the effective knob trains on (vanilla's gradient). Each router r gates the same stash with its
+own direction and band and adds its quarantine share q_r = sum_u w_ru g_u over its gate units u: rollouts
+(granularity "rollout"), or, per token, each stashed response token with its own w_t plus each rollout's remainder
+R_i = g_i - sum_{t in i} g_t (its positions outside the stashed tokens) with the rollout's w_i. Router r's kept
+gradient is g - q_r, so kept + quarantine = the total exactly, for every router. A `constant` router routes every
+unit at the step's routed fraction of another router: q = frout_other * g.
 
-frout, the routed fraction of gradient mass, is sum_u w_u ||g_u|| / sum_u ||g_u|| with ||.|| the joint norm over
-all modules (0 when no gradient mass).
+frout, a router's routed fraction of gradient mass, is sum_u w_u ||g_u|| / sum_u ||g_u|| with ||.|| the joint norm
+over all modules (0 when no gradient mass).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from verl_gq.adapter.layer import KEEP, QUARANTINE
+from verl_gq.adapter.layer import EFFECTIVE
 from verl_gq.adapter.model import QuarantineAdapter
+from verl_gq.routing.capture import ModuleRows
 from verl_gq.routing.gate import GateResult
+from verl_gq.routing.metrics import SCORE_STATS, RouterMetrics, ScoreStats, StepMetrics
 
 # all-reduce SUM of a flat tensor across data-parallel ranks; returns the reduced tensor.
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -26,156 +31,233 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class RoutedGradients:
-    """Full (unsharded) per-module (2, r) gradients of the knobs (row KEEP: kept, row QUARANTINE: quarantine), shaped
-    like each layer's `knobs`, and the step's routing metrics."""
+    """Full (unsharded) per-module (r, 1 + R) knob gradients shaped like each layer's `knobs` (column EFFECTIVE: the
+    total gradient; column j + 1: router j's quarantine share), the routers in column order, and the step's metrics."""
 
     knob_grads: dict[str, torch.Tensor]
-    metrics: dict[str, float]
+    routers: tuple[str, ...]
+    metrics: StepMetrics
 
     @property
-    def kept(self) -> dict[str, torch.Tensor]:
-        return {name: grad[KEEP] for name, grad in self.knob_grads.items()}
+    def total(self) -> dict[str, torch.Tensor]:
+        return {name: grad[:, EFFECTIVE] for name, grad in self.knob_grads.items()}
 
-    @property
-    def quarantine(self) -> dict[str, torch.Tensor]:
-        return {name: grad[QUARANTINE] for name, grad in self.knob_grads.items()}
+    def quarantine(self, router: str) -> dict[str, torch.Tensor]:
+        column = 1 + self.routers.index(router)
+        return {name: grad[:, column] for name, grad in self.knob_grads.items()}
+
+    def kept(self, router: str) -> dict[str, torch.Tensor]:
+        column = 1 + self.routers.index(router)
+        return {name: grad[:, EFFECTIVE] - grad[:, column] for name, grad in self.knob_grads.items()}
 
 
 class GradientRouter:
-    """Accumulates routed gradients over the micro-batches of one optimizer step; `finish` reduces and returns them."""
+    """Accumulates one step's total gradient and every router's quarantine share over its micro-batches; `finish`
+    reduces them across ranks (one collective) and returns the knob gradients and metrics.
 
-    def __init__(self, module_names: Sequence[str]) -> None:
+    routers: the router names in knob-column order (the adapter's quarantines). constant: {router: other}: routers
+    that route every unit at the step's routed fraction of `other` (the constant-w control), resolved at `finish`.
+    """
+
+    def __init__(self, module_names: Sequence[str], routers: Sequence[str] = (),
+                 constant: Optional[Mapping[str, str]] = None) -> None:
         if not module_names:
             raise ValueError("a router needs at least one module")
         self.module_names = list(module_names)
+        self.routers = list(routers)
+        if len(set(self.routers)) != len(self.routers):
+            raise ValueError(f"router names {self.routers}: a name appears twice")
+        self.constant = dict(constant or {})
+        for router, other in self.constant.items():
+            if router not in self.routers or other not in self.routers or other in self.constant:
+                raise ValueError(f"constant router {router!r} follows {other!r}: both must be routers, and {other!r} "
+                                 "must gate (not be constant itself)")
         self._reset()
 
     def _reset(self) -> None:
-        # module-flattened (sum_m r_m,) accumulators, columns in module_names order
-        self._kept: Optional[torch.Tensor] = None
-        self._quarantine: Optional[torch.Tensor] = None
+        self._total: Optional[torch.Tensor] = None  # (sum_m r_m,), columns in module_names order
         self._ranks: list[int] = []
-        self._mass: list[torch.Tensor] = []  # [routed, total] gradient mass
         self._n_examples = 0
-        self._n_gated = 0
-        self._n_degenerate = 0
-        self._n_nonfinite: Optional[torch.Tensor] = None  # gate results with a NaN/inf row, counted on the device
-        self._scores: list[torch.Tensor] = []
-        self._token_scores: list[torch.Tensor] = []
-        self._last_band = None
+        self._n_nonfinite: Optional[torch.Tensor] = None  # micro-batches with a NaN/inf row, counted on the device
+        self._quarantine: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, list[torch.Tensor]] = {}  # router -> [routed mass, total mass]
+        self._gated: dict[str, int] = {}
+        self._degenerate: dict[str, torch.Tensor] = {}
+        self._scores: dict[str, list[torch.Tensor]] = {}
+        self._token_scores: dict[str, list[torch.Tensor]] = {}
+        self._last_band: dict[str, torch.Tensor] = {}
 
-    def add(self, rollout_gate: GateResult) -> None:
-        """Rollout granularity: one micro-batch's gated rollouts."""
-        self._check(rollout_gate, "rollout")
-        self._add_units(rollout_gate.grads.rows, rollout_gate.weights)
-        self._count(rollout_gate)
-        self._scores.append(rollout_gate.scores.detach())
+    # --- one micro-batch --------------------------------------------------------------------------------------
 
-    def add_tokens(self, rollout_gate: GateResult, token_gate: GateResult, example_of_token: torch.Tensor) -> None:
+    def add_examples(self, examples: ModuleRows, tokens: Optional[ModuleRows] = None) -> None:
+        """Every example's gradient row of a micro-batch (the stash), once: they sum into the total gradient. The
+        token rows, if stashed, only join the finiteness check (the example rows already include them)."""
+        if list(examples.modules) != self.module_names:
+            raise ValueError("the stashed rows must be keyed by exactly the router's modules, in order")
+        self._ranks = list(examples.ranks)
+        rows = examples.rows
+        total = rows.sum(0)
+        self._total = total if self._total is None else self._total + total
+        finite = torch.isfinite(rows).all()
+        if tokens is not None:
+            finite = finite & torch.isfinite(tokens.rows).all()
+        nonfinite = (~finite).long()
+        self._n_nonfinite = nonfinite if self._n_nonfinite is None else self._n_nonfinite + nonfinite
+        self._n_examples += rows.shape[0]
+
+    def add(self, router: str, rollout_gate: GateResult) -> torch.Tensor:
+        """Rollout granularity: `router`'s gate of the micro-batch's rollouts. Returns the micro-batch's routed
+        fraction of gradient mass (a 0-dim tensor on the device: another router may match it)."""
+        self._check(router, rollout_gate)
+        routed, total = self._add_units(router, rollout_gate.grads.rows, rollout_gate.weights)
+        self._count(router, rollout_gate)
+        self._scores.setdefault(router, []).append(rollout_gate.scores.detach())
+        return _fraction(routed, total)
+
+    def add_tokens(self, router: str, rollout_gate: GateResult, token_gate: GateResult,
+                   example_of_token: torch.Tensor) -> torch.Tensor:
         """Token granularity: stashed tokens get their own w_t; the rest of each rollout gets the rollout's w_i.
-        example_of_token (tokens,): the rollout (row of rollout_gate) each token row belongs to."""
-        self._check(rollout_gate, "rollout")
-        self._check(token_gate, "token")
+        example_of_token (tokens,): the rollout (row of rollout_gate) each token row belongs to. Returns the
+        micro-batch's routed fraction, as `add`."""
+        self._check(router, rollout_gate)
+        self._check(router, token_gate)
         if example_of_token.shape != token_gate.weights.shape:
             raise ValueError(f"example_of_token {tuple(example_of_token.shape)} should match the token gate's weights")
         examples, tokens = rollout_gate.grads.rows, token_gate.grads.rows
         remainder = examples - torch.zeros_like(examples).index_add_(0, example_of_token.to(examples.device), tokens)
-        self._add_units(remainder, rollout_gate.weights)
-        self._add_units(tokens, token_gate.weights)
-        self._count(rollout_gate, token_gate)
-        self._scores.append(rollout_gate.scores.detach())
-        self._token_scores.append(token_gate.scores.detach())
+        routed_rest, total_rest = self._add_units(router, remainder, rollout_gate.weights)
+        routed_tokens, total_tokens = self._add_units(router, tokens, token_gate.weights)
+        self._count(router, rollout_gate, token_gate)
+        self._scores.setdefault(router, []).append(rollout_gate.scores.detach())
+        self._token_scores.setdefault(router, []).append(token_gate.scores.detach())
+        return _fraction(routed_rest + routed_tokens, total_rest + total_tokens)
+
+    # --- the step ---------------------------------------------------------------------------------------------
 
     def finish(self, reduce: Optional[Reduce] = None, grad_scale: float = 1.0) -> RoutedGradients:
         """Reduce across ranks, scale, return the routed gradients and metrics, and start a new step.
 
-        reduce: all-reduce SUM over data-parallel ranks of ONE flat tensor (both knobs' gradients and the metric
-        sums travel together, one collective). grad_scale multiplies the reduced gradients, e.g. 1/world_size to
-        match FSDP's gradient averaging. Score percentiles are over this rank's units only.
+        reduce: all-reduce SUM over data-parallel ranks of ONE flat tensor (the gradients and the metric sums travel
+        together, one collective). grad_scale multiplies the reduced gradients, e.g. 1/world_size to match FSDP's
+        gradient averaging. Score percentiles are over this rank's units only.
         """
         knob_grads, names, scalars = self._reduce_on_device(reduce, grad_scale)
         values = dict(zip(names, scalars.tolist()))  # the step's one host sync: every metric at once
-        if values["n_nonfinite"]:
+        try:
+            if values["n_nonfinite"]:
+                raise ValueError(f"policy-loss gradients contain NaN/inf ({values['n_nonfinite']:.0f} micro-batches "
+                                 "over all ranks): the loss should be finite; no knob gradient was written")
+            metrics = self._metrics(values)
+            # (1 + R, sum r) -> (sum r, 1 + R) once: each module's (r, 1 + R) gradient is then a contiguous block
+            per_module = dict(zip(self.module_names, knob_grads.T.contiguous().split(self._ranks, dim=0)))
+            return RoutedGradients(per_module, tuple(self.routers), metrics)
+        finally:
             self._reset()
-            raise ValueError(f"policy-loss gradients contain NaN/inf ({values['n_nonfinite']:.0f} of "
-                             f"{values['n_gated']:.0f} gated micro-batches, over all ranks): the loss should be "
-                             "finite; no knob gradient was written")
-        n_gated, total_mass = values["n_gated"], values["total_mass"]
-        metrics = {
-            "frout": values["routed_mass"] / total_mass if total_mass > 0 else 0.0,
-            "n_examples": values["n_examples"],
-            "band_degenerate_fraction": values["n_degenerate"] / n_gated if n_gated else 0.0,
-            "keep_grad_norm": values["keep_grad_norm"],
-            "quarantine_grad_norm": values["quarantine_grad_norm"],
-        }
-        if self._last_band is not None:
-            metrics.update(
-                band_lower=self._last_band.lower, band_upper=self._last_band.upper, band_width=self._last_band.width
+
+    def _metrics(self, values: dict[str, float]) -> StepMetrics:
+        routers = {}
+        for router in self.routers:
+            routed, total = values[f"{router}/routed_mass"], values[f"{router}/total_mass"]
+            gated = values[f"{router}/gated"]
+            routers[router] = RouterMetrics(
+                frout=routed / total if total > 0 else 0.0,
+                kept_grad_norm=values[f"{router}/kept_grad_norm"],
+                quarantine_grad_norm=values[f"{router}/quarantine_grad_norm"],
+                band_degenerate_fraction=values[f"{router}/degenerate"] / gated if gated else 0.0,
+                band_lower=values.get(f"{router}/band_lower"),
+                band_upper=values.get(f"{router}/band_upper"),
+                cos=_stats(values, f"{router}/cos"),
+                token_cos=_stats(values, f"{router}/token_cos"),
             )
-        metrics.update({name: value for name, value in values.items() if name.startswith(SCORE_PREFIXES)})
-        per_module = dict(zip(self.module_names, knob_grads.split(self._ranks, dim=1)))
-        self._reset()
-        return RoutedGradients(per_module, metrics)
+        return StepMetrics(n_examples=values["n_examples"], total_grad_norm=values["total_grad_norm"],
+                           routers=routers)
 
     def _reduce_on_device(self, reduce: Optional[Reduce], grad_scale: float
                           ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """finish's device half, with no host sync (tests run it on the meta device, where a host read raises): the
-        reduced and scaled (2, sum r) gradients (rows KEEP and QUARANTINE), the metrics' names, and their values in
-        one float64 tensor in that order."""
-        if self._kept is None:
+        reduced and scaled (1 + R, sum r) gradients (row 0 the total, row j + 1 router j's quarantine), the metrics'
+        names, and their values in one float64 tensor in that order."""
+        if self._total is None:
             raise RuntimeError("nothing to finish: add at least one micro-batch")
-        reference = self._kept
+        missing = [r for r in self.routers if r not in self.constant and r not in self._counts]
+        if missing:
+            raise RuntimeError(f"routers {missing} gated no micro-batch this step")
+        reference = self._total
+        zeros = torch.zeros_like(reference)
+        gated = [r for r in self.routers if r not in self.constant]
+        host = [self._n_examples] + [self._gated[r] for r in gated]
         # host ints: a non-blocking copy, no wait for the device
-        counts = torch.tensor([self._n_examples, self._n_gated, self._n_degenerate], dtype=reference.dtype)
-        counts = torch.cat([counts.to(reference.device, non_blocking=True),
-                            self._n_nonfinite.to(reference.dtype).reshape(1)])
-        flat = torch.cat([self._kept, self._quarantine, torch.stack(self._mass).to(reference.dtype), counts])
+        counts = torch.tensor(host, dtype=reference.dtype).to(reference.device, non_blocking=True)
+        per_router = [x.to(reference.dtype).reshape(1) for r in gated for x in (*self._counts[r], self._degenerate[r])]
+        flat = torch.cat([reference, *[self._quarantine.get(r, zeros) for r in self.routers], *per_router, counts,
+                          self._n_nonfinite.to(reference.dtype).reshape(1)])
         if reduce is not None:
             reduced = reduce(flat)
             if reduced.shape != flat.shape:
                 raise ValueError(f"reduce returned shape {tuple(reduced.shape)}, should be {tuple(flat.shape)}")
             flat = reduced
-        total_rank = sum(self._ranks)
-        # rows KEEP = 0 and QUARANTINE = 1: the order _kept and _quarantine went into flat
-        knob_grads = flat[: 2 * total_rank].view(2, total_rank) * grad_scale
-        norms = knob_grads.double().norm(dim=1)
-        named = {  # names -> their values, side by side
-            ("routed_mass", "total_mass", "n_examples", "n_gated", "n_degenerate", "n_nonfinite"):
-                flat[2 * total_rank :].double(),
-            ("keep_grad_norm", "quarantine_grad_norm"): norms,
+        width = reference.shape[0]
+        grads = flat[: (1 + len(self.routers)) * width].view(1 + len(self.routers), width) * grad_scale
+        scalars = flat[(1 + len(self.routers)) * width:].double()
+        per_router_values = scalars[: 3 * len(gated)].view(-1, 3) if gated else scalars[:0].view(0, 3)
+        mass = {router: row[:2] for router, row in zip(gated, per_router_values)}
+        count_values = scalars[3 * len(gated):]
+        named: dict[tuple[str, ...], torch.Tensor] = {
+            ("n_examples",): count_values[:1],
+            ("n_nonfinite",): count_values[-1:],
+            ("total_grad_norm",): grads[0].double().norm().reshape(1),
         }
-        for prefix, scores in zip(SCORE_PREFIXES, (self._scores, self._token_scores)):
-            stats = _score_stats(scores)
-            if stats is not None:
-                named[tuple(f"{prefix}_{stat}" for stat in SCORE_STATS)] = stats
+        for index, router in enumerate(gated):
+            named[(f"{router}/routed_mass", f"{router}/total_mass", f"{router}/degenerate")] = per_router_values[index]
+            named[(f"{router}/gated",)] = count_values[1 + index: 2 + index]
+            named[(f"{router}/band_lower", f"{router}/band_upper")] = self._last_band[router]
+        for column, router in enumerate(self.routers, start=1):
+            if router in self.constant:  # every unit at the other router's global routed fraction of this step
+                routed, total = mass[self.constant[router]].unbind(0)
+                fraction = _fraction(routed, total)
+                grads[column] = fraction.to(grads.dtype) * grads[0]
+                named[(f"{router}/routed_mass", f"{router}/total_mass", f"{router}/degenerate", f"{router}/gated")] = \
+                    torch.stack([fraction, torch.ones_like(fraction), torch.zeros_like(fraction), torch.zeros_like(fraction)])
+            quarantine = grads[column].double()
+            named[(f"{router}/kept_grad_norm", f"{router}/quarantine_grad_norm")] = torch.stack(
+                [(grads[0].double() - quarantine).norm(), quarantine.norm()])
+            for prefix, scores in (("cos", self._scores.get(router, [])), ("token_cos", self._token_scores.get(router, []))):
+                stats = _score_stats(scores)
+                if stats is not None:
+                    named[tuple(f"{router}/{prefix}/{stat}" for stat in SCORE_STATS)] = stats
         names = [name for group in named for name in group]
-        return knob_grads, names, torch.cat(list(named.values()))
+        return grads, names, torch.cat([value.reshape(-1).to(torch.float64) for value in named.values()])
 
-    def _check(self, result: GateResult, what: str) -> None:
+    def _check(self, router: str, result: GateResult) -> None:
+        if router not in self.routers or router in self.constant:
+            raise ValueError(f"{router!r} is not a gating router of this GradientRouter ({self.routers})")
         if list(result.grads.modules) != self.module_names:
-            raise ValueError(f"the {what} gate's gradients must be keyed by exactly the router's modules, in order")
-        self._ranks = list(result.grads.ranks)
+            raise ValueError(f"router {router!r}: the gate's gradients must be keyed by exactly the router's modules, "
+                             "in order")
 
-    def _add_units(self, grads: torch.Tensor, weights: torch.Tensor) -> None:
-        """grads (units, sum_r) module-flattened, weights (units,)."""
+    def _add_units(self, router: str, grads: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """grads (units, sum_r) module-flattened, weights (units,); returns these units' (routed, total) mass."""
         w = weights.to(grads.dtype)
-        kept, quarantine = (1 - w) @ grads, w @ grads
+        quarantine = w @ grads
         mass = torch.linalg.vector_norm(grads, dim=1)  # no (units x sum_r) temporary: per token that is GBs at r=full
         routed, total = (w * mass).sum(), mass.sum()
-        if self._kept is None:
-            self._kept, self._quarantine, self._mass = kept, quarantine, [routed, total]
+        if router not in self._quarantine:
+            self._quarantine[router], self._counts[router] = quarantine, [routed, total]
         else:
-            self._kept = self._kept + kept
-            self._quarantine = self._quarantine + quarantine
-            self._mass = [self._mass[0] + routed, self._mass[1] + total]
+            self._quarantine[router] = self._quarantine[router] + quarantine
+            self._counts[router] = [self._counts[router][0] + routed, self._counts[router][1] + total]
+        return routed, total
 
-    def _count(self, rollout_gate: GateResult, *more: GateResult) -> None:
-        nonfinite = (~torch.stack([g.finite for g in (rollout_gate, *more)]).all()).long()  # this micro-batch: 0/1
-        self._n_nonfinite = nonfinite if self._n_nonfinite is None else self._n_nonfinite + nonfinite
-        self._n_examples += rollout_gate.grads.rows.shape[0]
-        self._n_gated += 1
-        self._n_degenerate += int(rollout_gate.band.degenerate)
-        self._last_band = rollout_gate.band
+    def _count(self, router: str, rollout_gate: GateResult, *more: GateResult) -> None:
+        """Gated micro-batches, degenerate bands among them, and the last band: on the device (a live band's bounds
+        are device tensors), read at finish's one sync."""
+        band = rollout_gate.band
+        device = rollout_gate.weights.device
+        degenerate = band.degenerate_flag(device).to(torch.float64)
+        self._gated[router] = self._gated.get(router, 0) + 1
+        self._degenerate[router] = degenerate + self._degenerate.get(router, 0)
+        self._last_band[router] = torch.stack([torch.as_tensor(b, dtype=torch.float64).to(device, non_blocking=True)
+                                               for b in (band.lower, band.upper)])
 
 
 @torch.no_grad()
@@ -183,6 +265,9 @@ def write_knob_grads(adapter: QuarantineAdapter, routed: RoutedGradients) -> Non
     """Default writer for plain (non-DTensor) knobs: the routed gradients become each layer's `knobs.grad`, replacing
     whatever is there (autograd's unrouted totals under `knob_gradient_totals`). Under FSDP2 the knobs are DTensors
     and the engine must place the full tensors on their shards itself."""
+    if list(routed.routers) != adapter.quarantine_names:
+        raise ValueError(f"routed gradients for routers {list(routed.routers)}; the adapter's quarantines are "
+                         f"{adapter.quarantine_names}")
     for name, layer in adapter.layers.items():
         parameter, grad = layer.knobs, routed.knob_grads[name]
         if hasattr(parameter, "device_mesh"):
@@ -190,10 +275,6 @@ def write_knob_grads(adapter: QuarantineAdapter, routed: RoutedGradients) -> Non
         if grad.shape != parameter.shape:
             raise ValueError(f"{name}: routed gradient {tuple(grad.shape)} does not fit knob {tuple(parameter.shape)}")
         parameter.grad = grad.to(device=parameter.device, dtype=parameter.dtype, copy=True)
-
-
-SCORE_PREFIXES = ("cos", "token_cos")  # the rollout and the token gate's cosine statistics
-SCORE_STATS = ("mean", "std", "min", "max", "p10", "p50", "p90")
 
 
 def _score_stats(scores: list[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -204,3 +285,14 @@ def _score_stats(scores: list[torch.Tensor]) -> Optional[torch.Tensor]:
     q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64).to(values.device, non_blocking=True)
     moments = torch.stack([values.mean(), values.std(correction=0), values.amin(), values.amax()])
     return torch.cat([moments, torch.quantile(values, q)])
+
+
+def _fraction(routed: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """routed / total on the device, 0 where there is no mass."""
+    return torch.where(total > 0, routed / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+
+
+def _stats(values: dict[str, float], prefix: str) -> Optional[ScoreStats]:
+    if f"{prefix}/mean" not in values:
+        return None
+    return ScoreStats(**{stat: values[f"{prefix}/{stat}"] for stat in SCORE_STATS})
