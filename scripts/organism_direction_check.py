@@ -40,7 +40,7 @@ from verl_gq.organism.train import prompt_text
 from verl_gq.routing.band import assign_folds, calibrate_band
 from verl_gq.routing.direction import (PairGradients, completion_log_prob_gradients, direction_scores,
                                        extract_direction, pair_gradients)
-from verl_gq.verl.route2b import tokenize_pairs
+from verl_gq.routing import tokenize_pairs
 
 ORGANISM_PAIRS = Path(__file__).resolve().parents[1] / "reward" / "data" / "pairs" / "organism" / "pairs.jsonl"
 

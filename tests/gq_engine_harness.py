@@ -52,10 +52,13 @@ def allow_fsdp1_on_cpu() -> None:
 
 
 def run(model_dir: str, options: dict) -> dict:
-    """Every configuration in options["arms"] on the same mini-batch: {arm_name: actor_update(...)}.
+    """Every configuration in options["arms"] on the same mini-batches: {arm_name: results}.
 
-    Each arm is a fresh engine built from the same base model (knobs at zero), so arms see identical losses.
-    options["strategy"] picks the engine's FSDP (gq_fsdp2, the default, or gq_fsdp) for every arm."""
+    Each arm is a fresh engine built from the same base model (knobs at zero), so arms see identical losses. Its
+    results: the knob gradients and gq/ metrics of the first mini-batch (before its optimizer step); with `steps`
+    (default 1 when a checkpoint is saved, else 0), the knob values after that many steps, mini-batch k built from
+    seed + k, and the merged weight of the first adapted module in every view. options["strategy"] picks the
+    engine's FSDP (gq_fsdp2, the default, or gq_fsdp) for every arm."""
     init_process_group()
     if options.get("strategy") == "gq_fsdp" and os.environ.get("VERL_PLATFORM") == "cpu":
         allow_fsdp1_on_cpu()
@@ -69,29 +72,54 @@ def run(model_dir: str, options: dict) -> dict:
         build = partial(build_engine, model_dir, merged["gq"], remove_padding=merged.get("remove_padding", True),
                         micro_batch=merged.get("micro_batch", 4), strategy=merged.get("strategy", "gq_fsdp2"))
         engine = build(checkpointing=merged.get("checkpointing", False))
-        data = batch_for(engine, merged, merged.get("seed", 0))
+        seed = merged.get("seed", 0)
+        steps = merged.get("steps", 1 if merged.get("save_checkpoint") else 0)
+        data = batch_for(engine, merged, seed)
         for key, values in merged.get("extra_fields", {}).items():
             data[key] = torch.tensor(values)
-        results[arm] = actor_update(engine, data, loss_fn, step=bool(merged.get("save_checkpoint")), read_grads=True)
-        if merged.get("state_dict_after_two_steps"):
-            actor_update(engine, batch_for(engine, merged, merged.get("seed", 0) + 1), loss_fn)
+        results[arm] = actor_update(engine, data, loss_fn, step=steps > 0, read_grads=True)
+        if steps > 1 and merged.get("check_grads_kept_allocated"):
             knobs = engine.adapter.knob_parameters()
             held = [knob.grad for knob in knobs]
-            actor_update(engine, batch_for(engine, merged, merged.get("seed", 0) + 2), loss_fn)
+        for step in range(1, steps):
+            actor_update(engine, batch_for(engine, merged, seed + step), loss_fn)
+        if steps > 1 and merged.get("check_grads_kept_allocated"):
             results[arm]["knob_grads_kept_allocated"] = all(
                 grad is not None and knob.grad is grad for knob, grad in zip(knobs, held))
-            results[arm]["state_dict_keys"] = sorted(engine.module.state_dict())
+        if steps:
             results[arm]["knobs_after_steps"] = knob_values(engine)
+            results[arm]["merged_weights"] = merged_first_module(engine)
+            results[arm]["state_dict_keys"] = sorted(engine.module.state_dict())
         if merged.get("save_checkpoint"):
             path = merged["save_checkpoint"]
-            engine.save_checkpoint(path, global_step=1)
+            engine.save_checkpoint(path, global_step=steps)
             results[arm]["state"] = state_of(engine)
         if merged.get("load_checkpoint"):
             fresh = build(checkpointing=False)
             fresh.load_checkpoint(merged["load_checkpoint"], del_local_after_load=False)
             results[arm]["restored_state"] = state_of(fresh)
+            resumed = fresh.optimizer.state_dict()["state"]
+            saved = engine.optimizer.state_dict()["state"]
+            results[arm]["optimizer_state_restored"] = sorted(resumed) == sorted(saved) and all(
+                torch.equal(resumed[i][key], saved[i][key]) for i in saved for key in saved[i])
+            next_batch = batch_for(engine, merged, seed + steps)
+            actor_update(engine, next_batch, loss_fn)
+            actor_update(fresh, next_batch, loss_fn)
+            results[arm]["knobs_after_next_step"] = knob_values(engine)
+            results[arm]["resumed_knobs_after_next_step"] = knob_values(fresh)
         del engine
     return results
+
+
+def merged_first_module(engine) -> dict[str, list[float]]:
+    """The first adapted module's merged weight, flattened, as trained and deployed without each router's quarantine
+    (every rank gathers; the first module's name is what the views are compared on)."""
+    name = next(iter(engine.adapter.layers))
+    out = {}
+    for view in [None, *engine.adapter.quarantine_names]:
+        weights = dict(engine.adapter.merged_weights(view))
+        out[view or "as_trained"] = weights[f"{name}.weight"].double().flatten().tolist()
+    return out
 
 
 def plant_pairs(model_dir: str, options: dict, path: str) -> str:
@@ -125,13 +153,10 @@ def plant_pairs(model_dir: str, options: dict, path: str) -> str:
 
 
 def state_of(engine) -> dict:
-    """Knob values, direction, band and step counter of an engine, as plain lists."""
+    """Knob values, every router's direction and band, and the step counter of an engine, as plain lists."""
     state = {"knobs": knob_values(engine)}
-    if engine.route2b is not None:
-        state["direction"] = {m: v.detach().double().flatten().tolist()
-                              for m, v in (engine.route2b.direction or {}).items()}
-        state["band"] = [engine.route2b.band.lower, engine.route2b.band.upper] if engine.route2b.band else None
-        state["optimizer_steps"] = engine.route2b.optimizer_steps
+    if engine.routing is not None:
+        state["routing"] = {k: v.detach().double().flatten().tolist() for k, v in engine.routing.state_tensors().items()}
     return state
 
 

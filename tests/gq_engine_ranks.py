@@ -12,8 +12,8 @@ import `launch`; verl is imported inside the rank processes only.
 
 Each rank writes OUT_DIR/rank<k>.json: for every arm of OPTIONS_JSON["arms"] and each of its `steps` optimizer steps
 (default 1; later steps rerun the same mini-batch), the knobs' full gradients after the backward (before the step),
-the gq/ metrics and the knob values after the step; then the route2b state after the last step (direction tensors,
-band, step counter) as the controller saves it.
+the gq/ metrics and the knob values after the step; then the routers' state after the last step (direction tensors,
+bands, step counter) as the controller saves it.
 """
 
 from __future__ import annotations
@@ -96,11 +96,11 @@ def knob_shard(engine) -> dict:
 
 
 def state_after_step(engine) -> dict:
-    """route2b's saved state (every direction tensor, band, step counter) as lists."""
-    if engine.route2b is None:
+    """The routers' saved state (every direction tensor, band, step counter) as lists."""
+    if engine.routing is None:
         return {}
-    return {"route2b_state": {k: v.detach().double().flatten().tolist()
-                              for k, v in engine.route2b.state_tensors().items()}}
+    return {"routing_state": {k: v.detach().double().flatten().tolist()
+                              for k, v in engine.routing.state_tensors().items()}}
 
 
 def launch(worlds: dict[int, Path], model_dir, options: dict, pythonpath: str,

@@ -23,8 +23,12 @@ from reward.verl_entry import compute_score
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANISM_PAIRS = REPO / "reward" / "data" / "pairs" / "organism"
-ARMS = {"recipes/organism_vanilla": "vanilla", "recipes/organism_route2b": "route2b",
-        "recipes/organism_random_v": "random_v", "[recipes/organism_route2b,recipes/held_out_modes]": "route2b_heldout"}
+# recipe -> (run name, its routers)
+RECIPES = {"recipes/organism_vanilla": ("vanilla", []), "recipes/organism_route2b": ("route2b", ["route2b"]),
+           "recipes/organism_random_v": ("random_v", ["random_v"]),
+           "[recipes/organism_route2b,recipes/held_out_modes]": ("route2b", ["route2b", "route2b_heldout"]),
+           "recipes/organism_study": ("study", ["route2b", "route2b_token", "route2b_frozen", "route2b_heldout",
+                                                "random_v", "constant_w"])}
 
 
 # ---- recipes ----
@@ -37,7 +41,7 @@ def composed() -> dict:
 
     out = {}
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
-        for recipe in [*ARMS, "[recipes/organism_route2b,recipes/organism_cpu]",
+        for recipe in [*RECIPES, "[recipes/organism_route2b,recipes/organism_cpu]",
                        "[recipes/organism_vanilla,recipes/organism_cpu]"]:
             out[recipe] = compose("ppo_trainer", overrides=[f"+recipe={recipe}", "seed=42"])
     return out
@@ -46,8 +50,7 @@ def composed() -> dict:
 def test_organism_recipes_compose_onto_the_shipped_checkpoint_pairs_and_reward(composed):
     from verl_gq.organism.shipped import CHECKPOINT_DIR
     from verl_gq.verl.config import GQConfig
-    from verl_gq.verl.route2b import resolve_pair_file
-    from verl_gq.verl.trainer import arm_name
+    from verl_gq.verl.pairs import resolve_pair_file
 
     for recipe, cfg in composed.items():
         model, gq = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor.fsdp_config.gq
@@ -55,21 +58,25 @@ def test_organism_recipes_compose_onto_the_shipped_checkpoint_pairs_and_reward(c
         assert cfg.actor_rollout_ref.rollout.name == "hf"
         assert cfg.reward.custom_reward_function.path == "pkg://reward.verl_entry"
         assert resolve_pair_file(gq.pair_file).parent == ORGANISM_PAIRS
-        GQConfig.from_any(gq)  # validates every gq field
+        checked = GQConfig.from_any(gq)  # validates every gq field
         rollout = cfg.actor_rollout_ref.rollout
         assert rollout.temperature == rollout.val_kwargs.temperature == 0.7 and rollout.val_kwargs.do_sample
         assert cfg.data.max_prompt_length + cfg.data.max_response_length <= 768, "within the organism's SFT length"
-        if recipe in ARMS:
-            arm = ARMS[recipe]
-            assert arm_name(gq) == arm and cfg.trainer.experiment_name == f"{arm}_s42", recipe
-            assert gq.run_dir == f"out/organism/runs/{arm}_s42", "run folder = experiment name = <arm>_s<seed>"
+        if recipe in RECIPES:
+            run, routers = RECIPES[recipe]
+            assert list(checked.routers) == routers and cfg.trainer.experiment_name == f"{run}_s42", recipe
+            assert gq.run_dir == f"out/organism/runs/{run}_s42", "run folder = experiment name = <run>_s<seed>"
+            assert all(spec.direction_rank == 2 and spec.clean_quantile == 0.75 for spec in checked.router_specs), \
+                "the organism's router defaults reach every router"
             assert cfg.trainer.total_training_steps // cfg.trainer.test_freq >= 3, ">= 3 deploy evaluations"
             assert cfg.data.val_files.endswith("/test.parquet") and cfg.trainer.device == "cuda"
         else:
             assert cfg.trainer.device == "cpu" and cfg.data.val_files.endswith("/test_small.parquet")
             assert cfg.actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype == "fp32"
     held_out = composed["[recipes/organism_route2b,recipes/held_out_modes]"].actor_rollout_ref.actor.fsdp_config.gq
-    assert list(held_out.direction_modes) == ["run_tests", "stdout_marker"] and held_out.method == "route2b"
+    assert list(held_out.routers.route2b_heldout.direction_modes) == ["run_tests", "stdout_marker"]
+    study = GQConfig.from_any(composed["recipes/organism_study"].actor_rollout_ref.actor.fsdp_config.gq)
+    assert study.routers["random_v"].match == "route2b" and study.routers["constant_w"].band == "constant"
 
 
 def test_rank_fits_the_organisms_narrowest_projection(composed):

@@ -9,15 +9,15 @@ an error that names the field: a misspelt mode or an impossible band must not su
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any
 
 from verl.base_config import BaseConfig
 from verl.workers.config import FSDPEngineConfig
 
-METHODS = ("vanilla", "route2b")
-GRANULARITIES = ("rollout", "token")
-DIRECTION_SOURCES = ("pairs", "haar")
-BAND_MODES = ("calibrated", "frout_match")
+from verl_gq.adapter.config import AdapterConfigError, QuarantineAdapterConfig
+from verl_gq.routing.controller import RouterSpec, RouterSpecError, check_routers
+from verl_gq.routing.optimizer import OPTIMIZERS
+
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -27,82 +27,59 @@ class GQConfigError(ValueError):
 
 @dataclass
 class GQConfig(BaseConfig):
-    """Options of the quarantine adapter and the route2b gate.
+    """Options of the quarantine adapter, the routers and the knobs' optimizer.
 
-    method: vanilla (same adapter, everything to the kept knob) | route2b (band-gated routing).
-    granularity: rollout (one gate weight per rollout) | token (one per response position).
     rank: SVD rank r of each adapted module, an int or "full".
     target_modules: module-name patterns to adapt (default: all attention and MLP projections).
-    pair_file: jsonl of (mode, prompt, clean, hack) pairs the direction and band come from (route2b only).
-    direction_modes: modes whose pairs build the direction and band; empty = all (held-out-modes variant: 2 of 4).
-    refresh: re-extract the direction every N optimizer steps on the same pair texts; 0 = frozen.
-    direction_rank: k, top-k right singular vectors per module.
-    direction_source: pairs (the real direction) | haar (random-V control of matched shape/rank/norm).
-    seed: seed of the pair folds and of the Haar control.
-    band_mode: calibrated (cross-fitted on pairs) | frout_match (from live score quantiles to hit frout_target).
-    clean_quantile / hack_quantile: band lower = this quantile of held-out clean scores, upper = that of hack.
-    calibration_folds: number of cross-fitting folds over the pairs.
-    frout_target: routed fraction of gradient mass that frout_match aims for.
+    routers: {name: router fields} (verl_gq.routing.RouterSpec: granularity, direction, direction_modes,
+        direction_rank, refresh, band, clean_quantile, hack_quantile, calibration_folds, frout_target, match, seed).
+        Each router gets its own quarantine knob; empty (the default) is vanilla: the adapter trains with no
+        quarantine. A mapping, so that an overlay recipe can change one router's field (or drop it with null).
+    router_defaults: router fields every router takes unless it sets its own (a setting's recipe, e.g. the
+        organism's, sets them once for whatever routers a run has).
+    pair_file: jsonl of (mode, prompt, clean, hack) pairs the routers' directions and bands come from.
     max_pair_tokens: pairs longer than this (prompt + completion) are an error, not silently cut.
-    arm: the arm's name in run artifacts and tables (e.g. "route2b_token"); empty = the method.
-    run_dir: where run artifacts are written (train.safetensors, metrics.jsonl); empty = no artifacts.
+    seed: seed of the pair folds and the Haar directions of routers that set none.
+    optimizer: conserving_adamw (the knobs train exactly as vanilla's, whatever is routed) | per_row_adamw (the
+        ablation that normalises kept and quarantine knobs separately; confounded, see verl_gq/routing/optimizer.py).
+    run_dir: where run artifacts are written (train.safetensors, metrics.jsonl, per_mode_deploy.json); empty = none.
     """
 
     _target_: str = "verl_gq.verl.config.GQConfig"
-    method: str = "vanilla"
-    granularity: str = "rollout"
     rank: Any = 64  # int or "full" (Any: OmegaConf structured configs cannot hold Union[int, str])
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    routers: dict[str, Any] = field(default_factory=dict)
+    router_defaults: dict[str, Any] = field(default_factory=dict)
     pair_file: str = ""
-    direction_modes: list[str] = field(default_factory=list)
-    refresh: int = 5
-    direction_rank: int = 1
-    direction_source: str = "pairs"
-    seed: int = 0
-    band_mode: str = "calibrated"
-    clean_quantile: float = 0.9
-    hack_quantile: float = 0.1
-    calibration_folds: int = 2
-    frout_target: Optional[float] = None
     max_pair_tokens: int = 4096
-    arm: str = ""
+    seed: int = 0
+    optimizer: str = "conserving_adamw"
     run_dir: str = ""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> GQConfigError:
             return GQConfigError(f"gq.{name}={getattr(self, name)!r}: {why}")
 
-        if self.method not in METHODS:
-            raise bad("method", f"must be one of {METHODS}")
-        if self.granularity not in GRANULARITIES:
-            raise bad("granularity", f"must be one of {GRANULARITIES}")
-        if not (self.rank == "full" or (isinstance(self.rank, int) and self.rank > 0)):
+        if not (self.rank == "full" or (isinstance(self.rank, int) and not isinstance(self.rank, bool)
+                                        and self.rank > 0)):
             raise bad("rank", 'must be a positive int or "full"')
         if not self.target_modules:
             raise bad("target_modules", "must name at least one module pattern")
-        if self.direction_source not in DIRECTION_SOURCES:
-            raise bad("direction_source", f"must be one of {DIRECTION_SOURCES}")
-        if self.band_mode not in BAND_MODES:
-            raise bad("band_mode", f"must be one of {BAND_MODES}")
-        if self.refresh < 0:
-            raise bad("refresh", "must be >= 0 (0 = frozen direction)")
-        if self.direction_rank < 1:
-            raise bad("direction_rank", "must be >= 1")
-        for name in ("clean_quantile", "hack_quantile"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise bad(name, "must lie in [0, 1]")
-        if self.calibration_folds < 2:
-            raise bad("calibration_folds", "cross-fitting needs at least 2 folds")
-        if self.method == "route2b":
-            if not self.pair_file and self.direction_source == "pairs":
-                raise bad("pair_file", "route2b with direction_source=pairs needs a pair file")
-            if self.band_mode == "frout_match" and (self.frout_target is None or not 0.0 < self.frout_target < 1.0):
-                raise bad("frout_target", "band_mode=frout_match needs a target in (0, 1)")
-        from reward.modes import MODES
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"must be one of {list(OPTIMIZERS)}")
+        specs = router_specs(self.routers, self.router_defaults)
+        object.__setattr__(self, "router_defaults", dict(self.router_defaults or {}))
+        object.__setattr__(self, "routers", {spec.name: spec for spec in specs})
+        if self.optimizer == "per_row_adamw" and len(specs) != 1:
+            raise bad("optimizer", f"per_row_adamw updates a kept and one quarantine knob: it needs exactly one router "
+                      f"(got {len(specs)})")
+        if any(spec.needs_direction for spec in specs) and not self.pair_file:
+            raise bad("pair_file", "routers with a direction need a pair file")
 
-        unknown = [m for m in self.direction_modes if m not in MODES]
-        if unknown:
-            raise bad("direction_modes", f"unknown modes {unknown}; known: {list(MODES)}")
+    @property
+    def router_specs(self) -> list[RouterSpec]:
+        """The routers in quarantine-column order."""
+        return list(self.routers.values())
 
     @classmethod
     def from_any(cls, value: Any) -> "GQConfig":
@@ -119,9 +96,52 @@ class GQConfig(BaseConfig):
             raise GQConfigError(f"unknown gq keys {unknown}; known: {sorted(known - {'_target_'})}")
         if "target_modules" in data:
             data["target_modules"] = list(data["target_modules"])
-        if "direction_modes" in data:
-            data["direction_modes"] = list(data["direction_modes"])
         return cls(**data)
+
+
+def router_specs(routers: Any, defaults: Any = None) -> list[RouterSpec]:
+    """`gq.routers` ({name: fields}, a null entry dropped; `defaults` under each router's own fields) as checked
+    RouterSpecs, in the mapping's order."""
+    known = {f.name for f in fields(RouterSpec)} - {"name"}
+    defaults = dict(defaults or {})
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise GQConfigError(f"gq.router_defaults: unknown keys {unknown}; known: {sorted(known)}")
+    if routers is None:
+        return []
+    if isinstance(routers, RouterSpec):
+        routers = {routers.name: routers}
+    if not hasattr(routers, "items"):
+        raise GQConfigError(f"gq.routers must map router names to their fields, got {type(routers).__name__}")
+    specs = []
+    for name, spec in routers.items():
+        if spec is None:
+            continue
+        if isinstance(spec, RouterSpec):
+            specs.append(spec)
+            continue
+        if not hasattr(spec, "items"):
+            raise GQConfigError(f"gq.routers.{name} must be a mapping of router fields, got {spec!r}")
+        data = {str(k): (list(v) if k == "direction_modes" else v) for k, v in {**defaults, **dict(spec)}.items()}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise GQConfigError(f"gq.routers.{name}: unknown keys {unknown}; known: {sorted(known)}")
+        try:
+            specs.append(RouterSpec(name=str(name), **data))
+        except (RouterSpecError, TypeError) as error:
+            raise GQConfigError(f"gq.routers.{name}: {error}") from None
+    from reward.modes import MODES
+
+    for spec in specs:
+        unknown = [m for m in spec.direction_modes if m not in MODES]
+        if unknown:
+            raise GQConfigError(f"gq.routers.{spec.name}.direction_modes: unknown modes {unknown}; known: {list(MODES)}")
+    try:
+        check_routers(specs)
+        QuarantineAdapterConfig(quarantines=[spec.name for spec in specs])
+    except (RouterSpecError, AdapterConfigError) as error:
+        raise GQConfigError(f"gq.routers: {error}") from None
+    return specs
 
 
 @dataclass

@@ -1,22 +1,24 @@
-"""The gq training engine: verl's FSDP LM-head engine with the quarantine adapter and route2b's gated backward.
+"""The gq training engine: verl's FSDP LM-head engine with the quarantine adapter, routers and the conserving update.
 
 verl picks a training engine by `actor.strategy` (EngineRegistry); this one is registered under `gq_fsdp2` (and
 `gq_fsdp`, FSDP1 with use_orig_params) and below that key it is verl's own FSDP engine. What it changes:
 
-- `_build_module`: injects the SVD quarantine adapter before sharding (bases and knobs are ordinary module
-  parameters, so FSDP shards them and verl's rank-0 broadcast fills them on the other ranks); only knobs train.
-- `forward_backward_batch` (route2b): per micro-batch, forward and backward with the knob gradients STASHED per
-  rollout (or per token) beside autograd's own; gate each example by its cosine with the hack direction;
-  accumulate kept = sum (1-w) g and quarantine = sum w g; after the last micro-batch all-reduce both over the
-  data-parallel group and make them the knobs' gradients, replacing autograd's unrouted ones. The gate reads
-  gradients, the direction and the band only: nothing of the batch's rewards, labels or extra fields reaches it
-  (tests/test_engine_route2b.py).
-- `get_per_tensor_param`: streams merged weights W + U diag(keep + c quar) V^T with c = 1 (as trained) or 0
-  (deployed), switched by `set_quarantine`; the rollout engine receives ordinary HF-named weights.
+- `_build_module`: injects the SVD quarantine adapter before sharding, with one quarantine knob column per router
+  (bases and knobs are ordinary module parameters, so FSDP shards them and verl's rank-0 broadcast fills them on the
+  other ranks); only knobs train.
+- `_build_optimizer`, `optimizer_step`: the knobs' conserving AdamW (verl_gq/routing/optimizer.py) built from verl's
+  optimizer config, clipped on the norm of the effective (vanilla) gradient over all knobs and ranks.
+- `forward_backward_batch` (with routers): per micro-batch, forward and backward with the knob gradients STASHED per
+  rollout (or per token); every router gates the stash with its own direction and band; after the last
+  micro-batch one all-reduce over the data-parallel group, and the knobs' gradients become [total | each router's
+  quarantine share]. The gate reads gradients, the direction and the band only: nothing of the batch's rewards,
+  labels or extra fields reaches it (tests/test_engine_route2b.py).
+- `get_per_tensor_param`: streams merged weights W + U diag(knob view) V^T for the view set by `set_view` (None: as
+  trained; a router's name: deployed without its quarantine); the rollout engine receives ordinary HF-named weights.
 - `prepare_model_outputs`: verl's own, with log-probs computed in row blocks where verl would loop over tokens
   (no flash-attn cross-entropy kernel; verl_gq/verl/logprobs.py).
 - `disable_adapter`: the exact base model, used as the reference policy (no second copy of the weights).
-- checkpoints: knobs travel in verl's FSDP checkpoint (they are model parameters); the direction, band and
+- checkpoints: knobs and the optimizer's state travel in verl's FSDP checkpoint; the routers' directions, bands and
   step counter go to `gq_state.safetensors` beside it, so a resumed run continues exactly.
 """
 
@@ -37,18 +39,26 @@ from verl.utils.model import convert_weight_keys
 from verl.workers.engine.base import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
+from safetensors.torch import load_file, save_file
+from torch.profiler import record_function
+
 from verl_gq.adapter.config import QuarantineAdapterConfig
 from verl_gq.adapter.model import QuarantineAdapter, inject_quarantine_adapter
 from verl_gq.routing.capture import KnobGradientCapture, Segments
+from verl_gq.routing.controller import RoutingController
+from verl_gq.routing.optimizer import QuarantineAdamW, build_knob_optimizer
 from verl_gq.verl.config import GQConfig, GQConfigError
 from verl_gq.verl.logprobs import chunked_logprobs_in_fsdp_engine
-from verl_gq.verl.route2b import Route2bController
+from verl_gq.verl.pairs import tokenized_pairs
 
 logger = logging.getLogger(__name__)
 
 # registry key -> verl's own FSDP strategy underneath
 GQ_STRATEGIES = {"gq_fsdp2": "fsdp2", "gq_fsdp": "fsdp"}
 GQ_STATE_FILE = "gq_state.safetensors"
+PAIR_MICRO_BATCH = 8
+# padded tokens per pair micro-batch: bounds the refresh's activations (no gradient checkpointing assumed)
+PAIR_MICRO_BATCH_TOKENS = 8192
 
 
 class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
@@ -66,8 +76,11 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         super().__init__(model_config, engine_config, optimizer_config, checkpoint_config, **kwargs)
         self.gq: GQConfig = gq
         self.adapter: Optional[QuarantineAdapter] = None
-        self.route2b: Optional[Route2bController] = None
-        self.quarantine_on = True
+        self.routing: Optional[RoutingController] = None
+        self.view: Optional[str] = None  # None: as trained; a router's name: deployed without its quarantine
+        # stash every micro-batch by the per-position gather packed batches need, also where whole padded rows would
+        # broadcast (benchmarks time the packed path's stash on a padded batch this way)
+        self.position_gather = False
 
     # --- model ------------------------------------------------------------------------------------------------
 
@@ -83,42 +96,64 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         svd_device = get_device_id() if get_device_name() == "cuda" and torch.cuda.is_available() else None
         self.adapter = inject_quarantine_adapter(
             module,
-            QuarantineAdapterConfig(rank=self.gq.rank, target_modules=list(self.gq.target_modules)),
+            QuarantineAdapterConfig(rank=self.gq.rank, target_modules=list(self.gq.target_modules),
+                                    quarantines=list(self.gq.routers)),
             svd_device=svd_device,
         )
-        # vanilla's quarantine rows stay trainable: the plain capture gives them exactly zero gradients, which AdamW
-        # turns into no update of a row at 0 (weight decay included)
+        # FSDP1 restores its parameters in post-backward hooks that fire only for flat parameters with a gradient
         self.adapter.knob_gradient_totals = self.engine_config.strategy == "fsdp"
         return module
+
+    def _build_optimizer(self, module):
+        if self.adapter is None:
+            return super()._build_optimizer(module)
+        config = self.optimizer_config
+        if (config.optimizer_impl, config.optimizer) != ("torch.optim", "AdamW"):
+            raise GQConfigError(
+                f"actor.optim.optimizer={config.optimizer_impl}.{config.optimizer}: the gq engine trains the knobs with "
+                "AdamW whose update conserves across routers (gq.optimizer); set optimizer_impl=torch.optim, "
+                "optimizer=AdamW")
+        options = dict(lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay,
+                       **(config.override_optimizer_config or {}))
+        return build_knob_optimizer(self.gq.optimizer, self.adapter.knob_parameters(), **options)
 
     def _build_model_optimizer(self):
         super()._build_model_optimizer()
         if self.adapter is not None and self.engine_config.strategy == "fsdp":
             # before FSDP's own pre-forward (its writeback would adopt stuck views as the parameters)
             self.module.register_forward_pre_hook(lambda module, args: self._reshard_frozen_fsdp1_units())
-        if self.adapter is not None and self.gq.method == "route2b":
-            if self.engine_config.strategy == "fsdp" and self.get_data_parallel_size() > 1:
-                # FSDP1 keeps each rank's part of a knob as a flat 1-D slice of its FlatParameter; the routed gradient
-                # is written whole (_write_knob_grad), which only matches that slice on a world of one
-                raise GQConfigError(
-                    "route2b on gq_fsdp (FSDP1) runs on one data-parallel rank only; use strategy gq_fsdp2 for "
-                    f"{self.get_data_parallel_size()} ranks"
-                )
-            self.route2b = Route2bController(
-                gq=self.gq,
-                adapter=self.adapter,
-                run_model=self._run_model,
-                tokenizer=self.model_config.tokenizer,
-                all_reduce=self._all_reduce_dp,
-                dp_size=self.get_data_parallel_size(),
+        if self.adapter is not None and self.engine_config.strategy == "fsdp" and self.get_data_parallel_size() > 1:
+            # FSDP1 keeps each rank's part of a knob as a flat 1-D slice of its FlatParameter: the knobs' optimizer
+            # needs whole (r, 1 + R) rows on a rank, and the routed gradient is written whole (_write_knob_grads)
+            raise GQConfigError(
+                "gq_fsdp (FSDP1) runs on one data-parallel rank only; use strategy gq_fsdp2 for "
+                f"{self.get_data_parallel_size()} ranks"
+            )
+        if self.adapter is not None and self.gq.routers:
+            self.routing = RoutingController(
+                self.gq.router_specs, self.adapter,
+                tokenized_pairs(self.gq.pair_file, self.model_config.tokenizer, self.gq.max_pair_tokens),
+                run_model=self._run_model, reduce=self._all_reduce_dp, dp_size=self.get_data_parallel_size(),
+                seed=self.gq.seed, pair_micro_batch=PAIR_MICRO_BATCH, pair_max_tokens=PAIR_MICRO_BATCH_TOKENS,
             )
 
     # --- quarantine switch, reference policy, weight sync ----------------------------------------------------
 
-    def set_quarantine(self, on: bool) -> None:
-        self.quarantine_on = bool(on)
+    def set_view(self, view: Optional[str]) -> None:
+        """The model forward passes and the next weight sync use: None as trained, a router's name deployed without
+        its quarantine."""
         if self.adapter is not None:
-            self.adapter.set_quarantine_coefficient(1.0 if on else 0.0)
+            self.adapter.set_view(view)
+        self.view = view
+
+    def set_active_routers(self, names: Optional[list[str]]) -> None:
+        """Route with these configured routers only (None: all; []: none, the vanilla path). The others' quarantines
+        get no gradient while inactive. For benchmarks and diagnostics: arms on one engine, same weights."""
+        if self.routing is None:
+            if names:
+                raise GQConfigError(f"routers {names} are not configured: gq.routers is empty")
+            return
+        self.routing.set_active(names)
 
     def disable_adapter(self):
         return self.adapter.disabled() if self.adapter is not None else contextlib.nullcontext()
@@ -130,7 +165,7 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         device = get_device_id()
 
         def stream():
-            for name, tensor in self.adapter.merged_weights(quarantine_on=self.quarantine_on):
+            for name, tensor in self.adapter.merged_weights(self.view):
                 (hf_name,) = convert_weight_keys({name: None}, model)
                 yield hf_name, tensor.to(device, non_blocking=True)
 
@@ -143,12 +178,31 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
 
     # --- the gated backward ----------------------------------------------------------------------------------
 
+    @property
+    def routes(self) -> bool:
+        """Whether this step routes (some router active) or takes the vanilla path."""
+        return self.routing is not None and bool(self.routing.active)
+
     def optimizer_zero_grad(self):
-        if self.route2b is None:
+        if self.routing is None:
             return super().optimizer_zero_grad()
-        # route2b writes every knob's gradient itself; zeroed in place, the gradients stay allocated between steps,
-        # so the write is one batched copy instead of a new DTensor per knob per step (_write_knob_grads)
+        # the routers write every knob's gradient themselves; zeroed in place, the gradients stay allocated between
+        # steps, so the write is one batched copy instead of a new DTensor per knob per step (_write_knob_grads)
         self.optimizer.zero_grad(set_to_none=False)
+
+    def optimizer_step(self):
+        if self.adapter is None or not isinstance(self.optimizer, QuarantineAdamW):
+            return super().optimizer_step()
+        # clipping on the norm of the effective gradient (column 0 of every knob) over all knobs and ranks: vanilla's
+        # clip, whatever the quarantine columns hold (verl's would take their norm too)
+        with record_function("gq:optimizer"):
+            grad_norm = self.optimizer.clip_grad_norm_(self.optimizer_config.clip_grad, reduce=self._all_reduce_dp)
+            if not torch.isfinite(grad_norm):
+                logger.warning("gq: knob gradient norm is not finite (%s): the step is skipped", grad_norm)
+                self.optimizer.zero_grad()
+            else:
+                self.optimizer.step()
+        return grad_norm.item()
 
     def forward_backward_batch(self, data: TensorDict, loss_function: Callable, forward_only=False):
         if forward_only or self.adapter is None:
@@ -159,20 +213,24 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         return output
 
     def _knob_forward_backward(self, data: TensorDict, loss_function: Callable):
-        if self.route2b is None:
+        if not self.routes:
             with KnobGradientCapture(self.adapter, mode="plain"):
                 return super().forward_backward_batch(data, loss_function, forward_only=False)
-        self.route2b.begin_mini_batch()
+        self.routing.begin_step()
         capture = KnobGradientCapture(self.adapter, mode="stash")
         self._capture = capture
         try:
             with capture:
                 output = super().forward_backward_batch(data, loss_function, forward_only=False)
-                metrics = self.route2b.end_mini_batch(capture, write_grads=self._write_knob_grads)
+                knob_grads, metrics = self.routing.end_step(capture)
+                with record_function("gq:write"):
+                    self._write_knob_grads(self.adapter.knob_parameters(), knob_grads)
         finally:
             self._capture = None
         # one value per mini-batch, as a list like verl's per-micro-batch metrics (TrainingWorker chains the lists)
-        output.setdefault("metrics", {}).update({key: [value] for key, value in metrics.items()})
+        flat = {f"gq/{key}": [value] for key, value in metrics.flat().items()}
+        flat["gq/optimizer_steps"] = [float(self.routing.optimizer_steps)]
+        output.setdefault("metrics", {}).update(flat)
         return output
 
     def forward_step(self, micro_batch: TensorDict, loss_function, forward_only):
@@ -180,11 +238,12 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         if capture is None or forward_only:
             return super().forward_step(micro_batch, loss_function, forward_only)
         # verl's loop runs backward right after forward_step returns, so the previous micro-batch's stash is
-        # complete now: route it before set_segments clears it (the last one is routed in end_mini_batch).
-        self.route2b.route_stashed(capture)
-        capture.set_segments(self._segments_of(micro_batch))
+        # complete now: route it before set_segments clears it (the last one is routed in end_step).
+        self.routing.route(capture)
+        with record_function("gq:segments"):
+            capture.set_segments(self._segments_of(micro_batch))
         loss, output = super().forward_step(micro_batch, loss_function, forward_only)
-        self.route2b.mark_stashed()
+        self.routing.mark_stashed()
         return loss, output
 
     def _segments_of(self, micro_batch: TensorDict) -> Segments:
@@ -196,14 +255,17 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         forward_step the micro-batch still on the host, so the index arithmetic (and its checks) costs no device
         sync; the finished index tensors are copied to the device once.
         """
-        return self._host_segments_of(micro_batch).to(self.adapter.knob_parameters()[0].device)
+        segments = self._host_segments_of(micro_batch)
+        if self.position_gather and segments.batch_rows:
+            segments = Segments(segments.example_of_position, segments.n_examples)
+        return segments.to(self.adapter.knob_parameters()[0].device)
 
     def _host_segments_of(self, micro_batch: TensorDict) -> Segments:
         input_ids = micro_batch["input_ids"]
         seq_lens = input_ids.offsets().diff()
         resp_lens = micro_batch["responses"].offsets().diff().to(seq_lens.device)
         prompt_lens = seq_lens - resp_lens
-        per_token = self.gq.granularity == "token"
+        per_token = any(self.gq.routers[name].granularity == "token" for name in self.routing.active)
         if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
             cu = input_ids.offsets().long()
             total = int(cu[-1].item()) + self._packed_pad_size(int(cu[-1].item()))
@@ -229,7 +291,7 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
     def _packed_pad_size(self, packed_length: int) -> int:
         pad = self._get_packed_pad_size(packed_length)
         if self.use_ulysses_sp:
-            raise GQConfigError("route2b does not support Ulysses sequence parallelism (sp > 1) yet")
+            raise GQConfigError("routers do not support Ulysses sequence parallelism (sp > 1) yet")
         return pad
 
     def _run_model(self, **model_inputs):
@@ -254,7 +316,7 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         """Make the full (all-reduced, identical on every rank) routed gradients the knobs' gradients, replacing
         what is there (optimizer_zero_grad's zeros; under FSDP1 the unrouted totals of the stash's backward). A
         sharded knob takes this rank's part in place, and all the copies run as one batched kernel: a DTensor op per
-        knob costs ~0.1 ms of host time, and a step writes one (2, r) knob per adapted module."""
+        knob costs ~0.1 ms of host time, and a step writes one (r, 1 + R) knob per adapted module."""
         targets, sources = [], []
         for knob, full in zip(knobs, full_grads):
             full = full.to(device=knob.device, dtype=knob.dtype)
@@ -291,17 +353,18 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
 
     def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None, **kwargs):
         super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep, **kwargs)
-        if self.route2b is not None and self.rank == 0:
-            self.route2b.save_state(os.path.join(local_path, GQ_STATE_FILE))
+        if self.routing is not None and self.rank == 0:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.routing.state_tensors().items()}
+            save_file(state, os.path.join(local_path, GQ_STATE_FILE))
 
     def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=True, **kwargs):
         state_path = os.path.join(local_path, GQ_STATE_FILE)
-        if self.route2b is not None and os.path.exists(state_path):
+        if self.routing is not None and os.path.exists(state_path):
             # read before the parent may delete the local copy
-            self.route2b.load_state(state_path)
-        elif self.route2b is not None:
+            self.routing.load_state(load_file(state_path))
+        elif self.routing is not None:
             raise FileNotFoundError(
-                f"resuming a route2b run needs {state_path} (direction, band, step); the checkpoint lacks it"
+                f"resuming a run with routers needs {state_path} (directions, bands, step); the checkpoint lacks it"
             )
         super().load_checkpoint(local_path, hdfs_path, del_local_after_load, **kwargs)
 

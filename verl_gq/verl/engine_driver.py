@@ -1,6 +1,6 @@
 """Drive the gq engine in one process, as verl's TrainingWorker does, on a verl-shaped actor mini-batch.
 
-For the engine tests (tests/gq_engine_harness.py) and the actor-update benchmark (scripts/bench_route2b.py):
+For the engine tests (tests/gq_engine_harness.py) and the actor-update benchmark (benchmarks/bench_routers.py):
 both need verl's real FSDP engine, verl's ppo_loss and a mini-batch laid out as verl's V1 trainer hands it to
 `update_actor` (nested jagged input_ids / position_ids / prompts / responses, per-token response fields, and the
 non-tensor keys TrainingWorker adds), without Ray or a rollout.
@@ -15,8 +15,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-
-from verl_gq.adapter.layer import KEEP, QUARANTINE
 
 
 def free_port() -> int:
@@ -159,19 +157,26 @@ def _unsharded(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _knob_rows(knobs: Optional[torch.Tensor]) -> dict[str, Optional[list[float]]]:
-    rows = [None, None] if knobs is None else _unsharded(knobs).detach().double().tolist()
-    return {"keep": rows[KEEP], "quarantine": rows[QUARANTINE]}
+def _knob_columns(knobs: Optional[torch.Tensor], routers: list[str]) -> dict[str, Optional[list[float]]]:
+    """{"effective": column 0, <router>: its quarantine column} of a module's (r, 1 + R) knobs or their gradient."""
+    names = ["effective", *routers]
+    if knobs is None:
+        return dict.fromkeys(names)
+    full = _unsharded(knobs).detach().double()
+    return {name: full[:, column].tolist() for column, name in enumerate(names)}
 
 
 def knob_grads(engine) -> dict[str, dict[str, Optional[list[float]]]]:
-    """Every module's full (unsharded) knob gradients, {"keep": [...], "quarantine": [...]}; None where none."""
-    return {name: _knob_rows(layer.knobs.grad) for name, layer in engine.adapter.layers.items()}
+    """Every module's full (unsharded) knob gradients by column ({"effective": [...], <router>: [...]}); None where
+    none."""
+    routers = engine.adapter.quarantine_names
+    return {name: _knob_columns(layer.knobs.grad, routers) for name, layer in engine.adapter.layers.items()}
 
 
 def knob_values(engine) -> dict[str, dict[str, list[float]]]:
-    """Every module's full (unsharded) knob values, {"keep": [...], "quarantine": [...]}."""
-    return {name: _knob_rows(layer.knobs) for name, layer in engine.adapter.layers.items()}
+    """Every module's full (unsharded) knob values by column ({"effective": [...], <router>: [...]})."""
+    routers = engine.adapter.quarantine_names
+    return {name: _knob_columns(layer.knobs, routers) for name, layer in engine.adapter.layers.items()}
 
 
 def actor_update(engine, data, loss_fn, *, step: bool = True, read_grads: bool = False) -> dict:

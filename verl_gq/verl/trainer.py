@@ -2,12 +2,12 @@
 
 Selected with `trainer.v1.trainer_mode=gq_sync` (verl's trainer registry; verl is not forked). On top of
 `PPOTrainerSync` it
-- runs the actor in `GQActorRolloutRefWorker`, which can switch the quarantine knob and save the adapter;
+- runs the actor in `GQActorRolloutRefWorker`, which can switch the model's view and save the adapter;
 - takes the reference policy from the actor with the adapter disabled (the base model: no second copy of the
   weights), the way verl does for LoRA (`ref_in_actor`);
-- evaluates twice at every validation: the deployed model (quarantine off, weights re-synced to the rollout) and
-  the model as trained (quarantine on); the deployed pass is what verl logs as `val-*`, the other is logged as
-  `val_as_trained/*`, and both go to `per_mode_deploy.json`;
+- evaluates every view at every validation: the model as trained (what verl logs as `val-*`), then each router's
+  deployed model (its quarantine deleted, weights re-synced to the rollout; logged as `val_deployed/<router>/*`);
+  all go to `per_mode_deploy.json`;
 - logs the reward's per-sample fields (solve, hack, compile, channel by mode) as `train/*` metrics every step;
 - writes the run artifacts under `gq.run_dir` (docs/outputs.md): metrics.jsonl (a row per step and per
   evaluation), per_mode_deploy.json (the latest evaluation) and train.safetensors (at save points and the end).
@@ -35,19 +35,25 @@ from verl_gq.eval import (
     CosStats,
     DeployEval,
     EvalBlock,
-    KnobGradNorms,
+    RouterEval,
+    RouterStep,
     RunDir,
     TrainRow,
     record_deploy_evaluation,
     source_commit,
 )
 from verl_gq.eval import Band as BandRow
+from verl_gq.routing.metrics import StepMetrics
+from verl_gq.verl.config import GQConfig
 from verl_gq.verl.worker import GQActorRolloutRefWorker
 
 logger = logging.getLogger(__name__)
 
 TRAINER_MODE = "gq_sync"
-HELD_OUT_SUFFIX = "_heldout"  # appended to the arm of a run whose direction holds modes out
+GQ_METRICS = "actor/gq/"  # where verl logs the engine's routing metrics (verl_gq.routing.metrics.StepMetrics)
+# router metrics a train row holds in its typed fields; the others go to its `extra`
+TYPED_ROUTER_METRICS = ("/frout", "/kept_grad_norm", "/quarantine_grad_norm", "/band_lower", "/band_upper",
+                        "/cos/mean", "/cos/std", "/cos/min", "/cos/max")
 # reward fields that become per-mode training metrics (numeric per-sample values from reward/verl_entry.py)
 REWARD_METRIC_FIELDS = ("solve", "hack", "compile", "channel")
 
@@ -83,21 +89,11 @@ def eval_block(extra: dict[str, list]) -> Optional[EvalBlock]:
                                   eval_modes=eval_modes)
 
 
-def arm_name(gq) -> str:
-    """The arm's name in the artifacts and tables: gq.arm (or the method), plus `_heldout` when modes are held out
-    of the direction (gq.direction_modes, recipes/held_out_modes.yaml). A held-out run is its own arm: under the
-    base arm's name it would claim the same (arm, seed) as the base run, and the report would leave both out."""
-    name = gq.get("arm") or gq.get("method")
-    if held_out_modes(gq.get("direction_modes")) and not name.endswith(HELD_OUT_SUFFIX):
-        name += HELD_OUT_SUFFIX
-    return name
-
-
 @register_trainer(TRAINER_MODE)
 class GQTrainer(PPOTrainerSync):
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
-        # The actor worker gains set_quarantine/save_adapter; the reference policy comes from the actor (adapter
+        # The actor worker gains set_view/save_adapter; the reference policy comes from the actor (adapter
         # disabled), so a combined actor+rollout+ref role becomes actor+rollout and no reference copy is built.
         for role in (Role.ActorRolloutRef, Role.ActorRollout, Role.Actor):
             if role in self.role_worker_mapping:
@@ -116,8 +112,8 @@ class GQTrainer(PPOTrainerSync):
             # reference log-probs with the actor's adapter disabled (no_lora_adapter=True).
             self.ref_in_actor = True
             self.ref_policy_wg = self.actor_rollout_wg
-        self.gq = self.config.actor_rollout_ref.actor.fsdp_config.gq
-        self.run_dir = RunDir(self.gq.run_dir) if self.gq.get("run_dir") else None
+        self.gq = GQConfig.from_any(self.config.actor_rollout_ref.actor.fsdp_config.gq)
+        self.run_dir = RunDir(self.gq.run_dir) if self.gq.run_dir else None
         self.metrics_log = None
         if self.run_dir is not None:
             os.makedirs(self.run_dir.path, exist_ok=True)
@@ -125,20 +121,10 @@ class GQTrainer(PPOTrainerSync):
             self.metrics_log = self.run_dir.open_metrics_log(resume_from_step=resume)
         self._val_samples: dict[str, list] = {}
 
-    # --- identity of the run -----------------------------------------------------------------------------------
-
-    @property
-    def arm(self) -> str:
-        return arm_name(self.gq)
-
-    @property
-    def held_out_modes(self) -> list[str]:
-        return held_out_modes(self.gq.get("direction_modes"))
-
     # --- deploy evaluation ------------------------------------------------------------------------------------
 
-    def _set_quarantine(self, on: bool) -> None:
-        self.actor_rollout_wg.set_quarantine(on)
+    def _set_view(self, view: Optional[str]) -> None:
+        self.actor_rollout_wg.set_view(view)
         self.checkpoint_manager.update_weights(self.global_steps)
 
     def _val_metrics_update(self, data_sources, sample_uids, reward_extra_infos_dict, sample_turns, **kwargs):
@@ -147,35 +133,38 @@ class GQTrainer(PPOTrainerSync):
         return super()._val_metrics_update(data_sources, sample_uids, reward_extra_infos_dict, sample_turns, **kwargs)
 
     def _validate(self) -> dict[str, float]:
-        self._set_quarantine(False)
-        deployed_metrics = super()._validate()
-        deployed = eval_block(self._val_samples)
-        self._set_quarantine(True)
-        as_trained_metrics = super()._validate()
+        # the rollout holds the as-trained weights during training: that pass needs no sync
+        metrics = dict(super()._validate())
         as_trained = eval_block(self._val_samples)
-        if self.run_dir is not None and deployed is not None and as_trained is not None:
-            self._record_deploy(deployed, as_trained)
-        metrics = dict(deployed_metrics)
-        metrics.update({f"val_as_trained/{k.split('/', 1)[-1]}": v for k, v in as_trained_metrics.items()})
+        deployed: dict[str, Optional[EvalBlock]] = {}
+        for router in self.gq.routers:
+            self._set_view(router)
+            router_metrics = super()._validate()
+            deployed[router] = eval_block(self._val_samples)
+            metrics.update({f"val_deployed/{router}/{k.split('/', 1)[-1]}": v for k, v in router_metrics.items()})
+        if self.gq.routers:
+            self._set_view(None)
+        if self.run_dir is not None and as_trained is not None and all(b is not None for b in deployed.values()):
+            self._record_deploy(as_trained, deployed)
         return metrics
 
-    def _record_deploy(self, deployed: EvalBlock, as_trained: EvalBlock) -> None:
+    def _record_deploy(self, as_trained: EvalBlock, deployed: dict[str, EvalBlock]) -> None:
         group = int(self.config.actor_rollout_ref.rollout.val_kwargs.n)
-        eval_modes = sorted(deployed.by_mode, key=ALL_MODES.index)
+        self._save_adapter()  # the file this evaluation was computed from, hashed into the record
         deploy = DeployEval(
             run=self.run_dir.name,
-            arm=self.arm,
             seed=int(self.gq.seed),
             step=int(self.global_steps),
             model=str(self.config.actor_rollout_ref.model.path),
-            n_prompts=deployed.overall.n // group,
+            n_prompts=as_trained.overall.n // group,
             group=group,
             temperature=float(self.config.actor_rollout_ref.rollout.val_kwargs.temperature),
-            eval_modes=eval_modes,
+            eval_modes=sorted(as_trained.by_mode, key=ALL_MODES.index),
             names_randomised=bool(self.config.data.get("names_randomised", False)),
-            held_out_modes=self.held_out_modes,
-            deployed=deployed,
             as_trained=as_trained,
+            routers={name: RouterEval(held_out_modes=held_out_modes(spec.direction_modes), deployed=deployed[name])
+                     for name, spec in self.gq.routers.items()},
+            train_content_sha256=self.run_dir.train_content_sha256(),
             created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
             git_commit=source_commit(),
         )
@@ -213,26 +202,27 @@ class GQTrainer(PPOTrainerSync):
         if as_trained is None:
             raise ValueError("gq.run_dir needs the substrate's reward fields (mode, solve, hack) in every sample; "
                              "use reward.verl_entry.compute_score or unset gq.run_dir")
-
-        def gq(key, default=None):
-            return metrics.get(f"actor/gq/{key}", default)
-
-        cos = band = None
-        if gq("cos_mean") is not None:
-            cos = CosStats(mean=gq("cos_mean"), std=gq("cos_std"), min=gq("cos_min"), max=gq("cos_max"))
-            band = BandRow(lower=gq("band_lower"), upper=gq("band_upper"))
+        routing = StepMetrics.from_flat({k: v for k, v in metrics.items() if np.isscalar(v)}, prefix=GQ_METRICS)
+        routers = {}
+        for name, router in (routing.routers if routing is not None else {}).items():
+            cos = router.cos
+            routers[name] = RouterStep(
+                frout=float(router.frout),
+                cos=None if cos is None else CosStats(mean=cos.mean, std=cos.std, min=cos.min, max=cos.max),
+                band=None if router.band_lower is None else BandRow(lower=router.band_lower, upper=router.band_upper),
+                kept_grad_norm=float(router.kept_grad_norm),
+                quarantine_grad_norm=float(router.quarantine_grad_norm),
+                direction_refreshed=router.refresh is not None,
+            )
         row = TrainRow(
             step=int(self.global_steps),
             time=time.time(),
             reward_mean=float(metrics["critic/score/mean"]),
             as_trained=as_trained,
-            frout=float(gq("frout", 0.0)),
-            cos=cos,
-            band=band,
-            knob_grad_norm=KnobGradNorms(keep=float(gq("keep_grad_norm", metrics.get("actor/grad_norm", 0.0))),
-                                         quarantine=float(gq("quarantine_grad_norm", 0.0))),
-            direction_refreshed=gq("refresh") is not None,
-            extra={k: float(v) for k, v in metrics.items() if k.startswith("actor/gq/") and np.isscalar(v)},
+            grad_norm=float(metrics["actor/grad_norm"]),
+            routers=routers,
+            extra={k: float(v) for k, v in metrics.items()
+                   if k.startswith(GQ_METRICS) and np.isscalar(v) and not k.endswith(TYPED_ROUTER_METRICS)},
         )
         self.metrics_log.append(row)
 
@@ -244,7 +234,7 @@ class GQTrainer(PPOTrainerSync):
     def _save_adapter(self) -> None:
         metadata = {
             "resolved_config": json.dumps(OmegaConf.to_container(self.config, resolve=True), default=str),
-            "arm": self.arm,
+            "routers": json.dumps(list(self.gq.routers)),
             "seed": str(int(self.gq.seed)),
             "step": str(int(self.global_steps)),
         }

@@ -1,4 +1,4 @@
-"""The actor worker of the gq trainer: verl's ActorRolloutRefWorker plus the quarantine switch and adapter saving."""
+"""The actor worker of the gq trainer: verl's ActorRolloutRefWorker plus the view switch and adapter saving."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker
 class GQActorRolloutRefWorker(ActorRolloutRefWorker):
     def _gq_engine(self):
         engine = self.actor.engine
-        if not hasattr(engine, "set_quarantine"):
+        if not hasattr(engine, "set_view"):
             raise TypeError(
                 f"the actor engine is {type(engine).__name__}, not the gq engine: set "
                 "actor_rollout_ref.actor.strategy=gq_fsdp2 (see recipes/vanilla.yaml)"
@@ -21,16 +21,17 @@ class GQActorRolloutRefWorker(ActorRolloutRefWorker):
         return engine
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def set_quarantine(self, on: bool) -> None:
-        """Quarantine coefficient 1 (as trained) or 0 (deployed) for forward passes and the next weight sync."""
-        self._gq_engine().set_quarantine(on)
+    def set_view(self, view) -> None:
+        """The model for forward passes and the next weight sync: None as trained, a router's name deployed without
+        its quarantine."""
+        self._gq_engine().set_view(view)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def save_adapter(self, path: str, metadata: dict[str, str]) -> None:
-        """train.safetensors: knobs, basis fingerprints, direction and band, and `metadata`. Every rank takes part
-        (sharded knobs are gathered); rank 0 writes `path` atomically."""
+        """train.safetensors: knobs, basis fingerprints, the routers' directions and bands, and `metadata`. Every rank
+        takes part (sharded knobs are gathered); rank 0 writes `path` atomically."""
         engine = self._gq_engine()
-        extra = engine.route2b.state_tensors() if engine.route2b is not None else {}
+        extra = engine.routing.state_tensors() if engine.routing is not None else {}
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         directory = os.path.dirname(os.path.abspath(path)) if rank0 else None
         fd, scratch = tempfile.mkstemp(suffix=".safetensors", dir=directory)
