@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Deploy evaluation of a saved run, outside verl: the base model + the run's knobs, quarantine off and on.
+"""Deploy evaluation of a saved run, outside verl: the base model + the run's knobs, as trained and deployed without
+each router's quarantine.
 
     python scripts/deploy_eval.py out/runs/route2b_s41 --eval-file data/leetcode/test.parquet \
         [--n-prompts 64] [--group 16] [--temperature 0.7] [--max-new-tokens 1536] [--randomise-names] \
@@ -9,8 +10,8 @@ Writes a per_mode_deploy.json (schema in docs/outputs.md) to --out, by default
 RUN_DIR/per_mode_deploy.standalone.json (the trainer's own per_mode_deploy.json is left alone); with --record, as the
 run's own evaluation at its saved step (RUN_DIR/per_mode_deploy.json and an eval row in metrics.jsonl), for runs
 trained without an in-run evaluation (scripts/report.py then reads them). The model defaults
-to the one in the run's resolved config; held-out modes come from its gq.direction_modes. With --base it evaluates
-the model the run started from (adapter disabled) on the same prompts and sampling instead.
+to the one in the run's resolved config; each router's held-out modes come from its direction_modes. With --base it
+evaluates the model the run started from (adapter disabled) on the same prompts and sampling instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from reward.modes import held_out_modes
-from verl_gq.eval.deploy import BASE_VIEWS, DeploySettings, deploy_record, evaluate
+from verl_gq.eval.deploy import AS_TRAINED, BASE, DeploySettings, deploy_record, evaluate
 from verl_gq.eval.run_dir import RunDir, record_deploy_evaluation, source_commit
 from verl_gq.eval.schema import dump_json, parse_deploy
 
@@ -54,20 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     meta = run.read_train_metadata()
     config = meta["resolved_config"]
     model = args.model or config["actor_rollout_ref"]["model"]["path"]
-    used = config["actor_rollout_ref"]["actor"]["fsdp_config"]["gq"].get("direction_modes")
+    routers = config["actor_rollout_ref"]["actor"]["fsdp_config"]["gq"].get("routers") or {}
     settings = DeploySettings(n_prompts=args.n_prompts, group=args.group, temperature=args.temperature,
                               max_new_tokens=args.max_new_tokens, randomise_names=args.randomise_names,
                               seed=args.seed, batch_size=args.batch_size, device=args.device)
     if args.base:
-        (block,) = evaluate(model, run.train_file, args.eval_file, settings, views=BASE_VIEWS).values()
+        (block,) = evaluate(model, run.train_file, args.eval_file, settings, views=[BASE]).values()
         out = args.out or run.path / "base_deploy.json"
         out.write_text(json.dumps({"base": asdict(block), "settings": asdict(settings), "model": model,
                                    "eval_file": str(args.eval_file)}, indent=1) + "\n")
         print(f"{out}: base hack {block.overall.hack:.3f} solve {block.overall.solve:.3f}")
         return 0
     blocks = evaluate(model, run.train_file, args.eval_file, settings)
-    record = deploy_record(run.name, meta["arm"], meta["seed"], meta["step"], model, settings, blocks,
-                           held_out_modes=held_out_modes(used), git_commit=source_commit())
+    held_out = {name: held_out_modes((routers.get(name) or {}).get("direction_modes")) for name in meta["routers"]}
+    record = deploy_record(run.name, meta["seed"], meta["step"], model, settings, blocks, held_out,
+                           git_commit=source_commit(), train_content_sha256=run.train_content_sha256())
     if args.record:
         record_deploy_evaluation(run, run.open_metrics_log(resume_from_step=meta["step"]), record)
         out = run.deploy_file
@@ -75,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or run.path / "per_mode_deploy.standalone.json"
         out.write_text(dump_json(record) + "\n")
     parse_deploy(out.read_text(), str(out))  # what every reader will do
-    print(f"{out}: deployed hack {record.deployed.overall.hack:.3f} solve {record.deployed.overall.solve:.3f}; "
-          f"as trained hack {record.as_trained.overall.hack:.3f} solve {record.as_trained.overall.solve:.3f}")
+    views = {AS_TRAINED: record.as_trained, **{name: r.deployed for name, r in record.routers.items()}}
+    print(f"{out}: " + "; ".join(f"{view} hack {block.overall.hack:.3f} solve {block.overall.solve:.3f}"
+                                 for view, block in views.items()))
     return 0
 
 

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """One command from a folder of runs to every table and figure of the paper.
 
-    python scripts/report.py out/runs [--out out/report] [--baseline vanilla] [--alpha 0.05]
+    python scripts/report.py out/runs [--out out/report] [--baseline as_trained] [--alpha 0.05]
                              [--seeds 0 1 2 3 4] [--long-run-arms route2b_long vanilla_long] [--strict]
 
 Reads only run artifacts (docs/outputs.md). Writes into --out: keynote, ablation and held_out_modes tables as
 .csv (numbers) and .md (display), training_curves.png/.csv, long_run.png/.csv, problems.txt, and report.md with
 all of it. Every run or seed left out is named in problems.txt and on stderr; --strict exits 1 if there is any.
+Arms: each router's deployed model, `<experiment>:as_trained` (a run with routers as trained: vanilla's training by
+construction) and `vanilla` (a run without routers); the baseline defaults to the one as-trained arm if there is
+exactly one, else vanilla.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from verl_gq.eval.collect import collect_runs
+from verl_gq.eval.collect import collect_runs, default_baseline
 from verl_gq.eval.figures import default_long_run_arms, long_run, training_curves
 from verl_gq.eval.tables import ablation_table, held_out_table, keynote_table
 
@@ -24,7 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, help="folder whose subfolders are run folders (out/runs)")
     parser.add_argument("--out", type=Path, help="output folder (default: <runs>/../report)")
-    parser.add_argument("--baseline", default="vanilla", help="arm every other arm is compared with")
+    parser.add_argument("--baseline", help="arm every other arm is compared with (default: the one "
+                        "<experiment>:as_trained arm, else vanilla)")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired tests")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds every arm should have (default: all seen)")
     parser.add_argument("--long-run-arms", nargs="+",
@@ -41,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.runs.resolve().parent / "report"
     out.mkdir(parents=True, exist_ok=True)
     runset = collect_runs(args.runs, args.seeds)
+    args.baseline = args.baseline or default_baseline(list(runset.arms))
     problems = [str(p) for p in runset.problems]
 
     sections = [f"# Report on {args.runs}\n"]

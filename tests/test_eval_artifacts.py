@@ -1,4 +1,5 @@
-"""Run artifacts: the versioned schemas reject bad records by name, and the metrics log obeys its resume rule."""
+"""Run artifacts: the versioned schemas reject bad records by name (and still read schema-1 files), and the metrics
+log obeys its resume rule."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from verl_gq.eval.schema import (
     DeployEval,
     EvalBlock,
     EvalRow,
-    KnobGradNorms,
     ModeStats,
+    RouterEval,
+    RouterStep,
     SchemaError,
     TrainRow,
     dump_json,
@@ -35,17 +37,28 @@ def block(hack: list[int], solve: list[int]) -> EvalBlock:
 
 
 def deploy(run: str = "r0", step: int = 3) -> DeployEval:
-    return DeployEval(run=run, arm="route2b", seed=0, step=step, model="tiny-qwen2", n_prompts=8, group=2,
-                      temperature=0.7, eval_modes=list(MODES), names_randomised=True, held_out_modes=["sentinel"],
-                      deployed=block([1, 0, 2, 0], [1, 1, 0, 0]), as_trained=block([3, 1, 2, 1], [1, 1, 0, 0]),
-                      created_at="2025-06-01T12:00:00+00:00", git_commit=None)
+    return DeployEval(run=run, seed=0, step=step, model="tiny-qwen2", n_prompts=8, group=2, temperature=0.7,
+                      eval_modes=list(MODES), names_randomised=True, as_trained=block([3, 1, 2, 1], [1, 1, 0, 0]),
+                      routers={"route2b": RouterEval(held_out_modes=["sentinel"],
+                                                     deployed=block([1, 0, 2, 0], [1, 1, 0, 0])),
+                               "random_v": RouterEval(held_out_modes=[], deployed=block([2, 1, 2, 1], [1, 1, 0, 0]))},
+                      train_content_sha256="ab" * 32, created_at="2025-06-01T12:00:00+00:00", git_commit=None)
 
 
 def train_row(step: int) -> TrainRow:
+    routed = RouterStep(frout=0.2, cos=CosStats(mean=0.1, std=0.3, min=-0.4, max=0.7), band=Band(lower=0.05, upper=0.3),
+                        kept_grad_norm=1.0, quarantine_grad_norm=0.25, direction_refreshed=step % 5 == 1)
     return TrainRow(step=step, time=100.0 + step, reward_mean=1.5, as_trained=block([step % 3, 0, 0, 1], [1, 0, 0, 0]),
-                    frout=0.2, cos=CosStats(mean=0.1, std=0.3, min=-0.4, max=0.7), band=Band(lower=0.05, upper=0.3),
-                    knob_grad_norm=KnobGradNorms(keep=1.0, quarantine=0.25), direction_refreshed=step % 5 == 1,
-                    extra={"lr": 1e-5})
+                    grad_norm=1.1, routers={"route2b": routed}, extra={"lr": 1e-5})
+
+
+# a per_mode_deploy.json and a train row as written before routers (schema 1)
+V1_DEPLOY = {"schema_version": 1, "run": "route2b_s0", "arm": "route2b", "seed": 0, "step": 3, "model": "tiny",
+             "n_prompts": 8, "group": 2, "temperature": 0.7, "eval_modes": list(MODES), "names_randomised": False,
+             "held_out_modes": ["sentinel"], "created_at": "2025-06-01T12:00:00+00:00", "git_commit": None}
+V1_TRAIN = {"schema_version": 1, "kind": "train", "step": 2, "time": 5.0, "reward_mean": 1.0, "frout": 0.25,
+            "cos": {"mean": 0.1, "std": 0.3, "min": -0.4, "max": 0.7}, "band": {"lower": 0.0, "upper": 0.3},
+            "knob_grad_norm": {"keep": 1.0, "quarantine": 0.5}, "direction_refreshed": True, "extra": {}}
 
 
 def deploy_dict() -> dict:
@@ -64,14 +77,35 @@ def parse_error(data: dict) -> str:
 def test_deploy_eval_round_trips_through_json_unchanged():
     original = deploy()
     assert parse_deploy(dump_json(original), "x") == original, "parse(dump(d)) should give d back"
-    assert original.deployed.overall.hack == 3 / 16 and original.deployed.overall.n == 16
+    assert original.deployed("route2b").overall.hack == 3 / 16 and original.deployed("route2b").overall.n == 16
+
+
+def test_schema_1_records_are_read_as_their_arms_router():
+    """A per_mode_deploy.json and metrics rows written before routers read as schema 2: the file's arm is its one
+    router (deployed view kept), `legacy_arm` says so; a train row's routing belongs to that router."""
+    deployed, as_trained = block([1, 0, 2, 0], [1, 1, 0, 0]), block([3, 1, 2, 1], [1, 1, 0, 0])
+    data = {**V1_DEPLOY, "deployed": json.loads(dump_json(deploy()))["routers"]["route2b"]["deployed"],
+            "as_trained": json.loads(dump_json(deploy()))["as_trained"]}
+    record = parse_deploy(json.dumps(data), "old.json")
+    assert record.legacy_arm == "route2b" and list(record.routers) == ["route2b"]
+    assert record.deployed("route2b") == deployed and record.as_trained == as_trained
+    assert record.routers["route2b"].held_out_modes == ["sentinel"] and record.train_content_sha256 is None
+    row_data = {**V1_TRAIN, "as_trained": json.loads(dump_json(deploy()))["as_trained"]}
+    row = parse_metrics_row(json.dumps(row_data), "metrics.jsonl:2", v1_arm="route2b")
+    assert row.routers["route2b"].frout == 0.25 and row.routers["route2b"].kept_grad_norm == 1.0
+    assert row.grad_norm is None, "schema 1 kept no norm of the total for a routing arm"
+    vanilla = parse_metrics_row(json.dumps(row_data), "metrics.jsonl:2", v1_arm="vanilla")
+    assert vanilla.routers == {} and vanilla.grad_norm == 1.0
+    with pytest.raises(SchemaError, match="metrics.jsonl:2: a schema-1 metrics row needs its run's arm"):
+        parse_metrics_row(json.dumps(row_data), "metrics.jsonl:2")
 
 
 def test_missing_field_is_named_with_its_path_and_the_file():
     data = deploy_dict()
-    del data["deployed"]["by_mode"]["sentinel"]["n"]
+    del data["routers"]["route2b"]["deployed"]["by_mode"]["sentinel"]["n"]
     message = parse_error(data)
-    assert "runs/r0/per_mode_deploy.json" in message and "missing field 'deployed.by_mode.sentinel.n'" in message, \
+    assert "runs/r0/per_mode_deploy.json" in message and \
+        "missing field 'routers.route2b.deployed.by_mode.sentinel.n'" in message, \
         f"the error should name the file and the missing field's path; got {message}"
 
 
@@ -81,7 +115,7 @@ def test_unknown_field_is_rejected_by_name():
     assert "unknown field 'as_trained.overall.hack_rate'" in parse_error(data)
 
 
-@pytest.mark.parametrize("version", [2, "1", None])
+@pytest.mark.parametrize("version", [3, "1", None])
 def test_unknown_schema_version_is_rejected_before_anything_else(version):
     data = deploy_dict()
     data["schema_version"] = version
@@ -102,7 +136,7 @@ def test_missing_schema_version_is_named():
 
 def test_overall_must_be_the_pooled_count_of_by_mode():
     data = deploy_dict()
-    data["deployed"]["overall"]["hack"] = 4 / 16  # by_mode pools to 3 hacks
+    data["routers"]["route2b"]["deployed"]["overall"]["hack"] = 4 / 16  # by_mode pools to 3 hacks
     assert "overall (hack, solve, n) counts (4, 2, 16) must equal the sum over by_mode (3, 2, 16)" in parse_error(data)
 
 
@@ -121,22 +155,24 @@ def test_rates_must_be_whole_counts_exclusive_and_null_only_without_samples():
 def test_overall_n_must_be_prompts_times_group():
     data = deploy_dict()
     data["group"] = 4
-    assert "deployed.overall.n = 16 must be n_prompts x group = 8 x 4" in parse_error(data)
+    assert "as_trained.overall.n = 16 must be n_prompts x group = 8 x 4" in parse_error(data)
 
 
 def test_held_out_modes_must_be_evaluated_and_known():
     data = deploy_dict()
-    data["held_out_modes"] = ["sentinal"]
-    assert "held_out_modes has unknown modes ['sentinal']" in parse_error(data)
+    data["routers"]["route2b"]["held_out_modes"] = ["sentinal"]
+    assert "routers.route2b.held_out_modes has unknown modes ['sentinal']" in parse_error(data)
     data = deploy_dict()
     data["eval_modes"] = ["run_tests", "stdout_marker", "file_marker"]
-    data["held_out_modes"] = ["sentinel"]
-    assert "held_out_modes ['sentinel'] are not evaluated" in parse_error(data)
+    assert "routers.route2b.held_out_modes ['sentinel'] are not evaluated" in parse_error(data)
+    data = deploy_dict()
+    data["train_content_sha256"] = "not a hash"
+    assert "train_content_sha256" in parse_error(data)
 
 
 @pytest.mark.parametrize("path, value", [(("names_randomised",), "true"), (("names_randomised",), 1),
                                          (("seed",), 1.0), (("temperature",), "0.7"),
-                                         (("deployed", "overall", "hack"), float("nan"))])
+                                         (("as_trained", "overall", "hack"), float("nan"))])
 def test_strict_types_reject_lookalike_values(path, value):
     data = deploy_dict()
     node = data
@@ -162,15 +198,16 @@ def test_eval_block_from_samples_counts_each_mode():
 
 def test_metrics_row_errors_name_line_and_field():
     row = json.loads(dump_json(train_row(1)))
-    del row["knob_grad_norm"]["quarantine"]
-    with pytest.raises(SchemaError, match=r"metrics.jsonl:7: missing field 'train.knob_grad_norm.quarantine'"):
+    del row["routers"]["route2b"]["quarantine_grad_norm"]
+    with pytest.raises(SchemaError,
+                       match=r"metrics.jsonl:7: missing field 'train.routers.route2b.quarantine_grad_norm'"):
         parse_metrics_row(json.dumps(row), "metrics.jsonl:7")
     row = json.loads(dump_json(train_row(1)))
     row["kind"] = "trian"
     with pytest.raises(SchemaError, match="trian"):
         parse_metrics_row(json.dumps(row), "metrics.jsonl:7")
     row = json.loads(dump_json(train_row(1)))
-    row["cos"] = {"mean": 0.9, "std": 0.1, "min": -0.1, "max": 0.5}
+    row["routers"]["route2b"]["cos"] = {"mean": 0.9, "std": 0.1, "min": -0.1, "max": 0.5}
     with pytest.raises(SchemaError, match="min <= mean <= max"):
         parse_metrics_row(json.dumps(row), "metrics.jsonl:7")
 
@@ -271,7 +308,8 @@ def test_record_deploy_evaluation_writes_the_json_and_an_eval_row(tmp_path):
     record_deploy_evaluation(run, log, deploy(step=1))
     assert run.read_deploy() == deploy(step=1)
     rows = run.read_metrics()
-    assert rows[-1].kind == "eval" and rows[-1].deployed == deploy().deployed and rows[-1].as_trained == deploy().as_trained
+    assert rows[-1].kind == "eval" and rows[-1].as_trained == deploy().as_trained
+    assert rows[-1].routers == {name: router.deployed for name, router in deploy().routers.items()}
 
 
 def test_deploy_json_must_live_in_the_folder_of_its_run(tmp_path):
@@ -288,16 +326,22 @@ def test_deploy_json_must_live_in_the_folder_of_its_run(tmp_path):
 def test_train_metadata_is_read_from_safetensors_and_checked(tmp_path):
     run = RunDir(tmp_path / "r0")
     run.path.mkdir()
-    config = {"actor_rollout_ref": {"actor": {"fsdp_config": {"gq": {"method": "route2b"}}}}}
+    config = {"actor_rollout_ref": {"actor": {"fsdp_config": {"gq": {"routers": {"route2b": {}}}}}}}
+    save_file({"effective_knob": torch.zeros(2)}, str(run.train_file),
+              metadata={"resolved_config": json.dumps(config), "routers": '["route2b"]', "seed": "3", "step": "40"})
+    assert run.read_train_metadata() == {"resolved_config": config, "routers": ["route2b"], "seed": 3, "step": 40}
     save_file({"keep_knob": torch.zeros(2)}, str(run.train_file),
               metadata={"resolved_config": json.dumps(config), "arm": "route2b", "seed": "3", "step": "40"})
-    assert run.read_train_metadata() == {"resolved_config": config, "arm": "route2b", "seed": 3, "step": 40}
+    assert run.read_train_metadata()["routers"] == ["route2b"], "a file written before routers: its arm"
     save_file({"keep_knob": torch.zeros(2)}, str(run.train_file), metadata={"arm": "route2b", "seed": "x"})
     with pytest.raises(SchemaError, match=r"metadata lacks \['resolved_config', 'step'\]"):
         run.read_train_metadata()
     save_file({"keep_knob": torch.zeros(2)}, str(run.train_file),
-              metadata={"resolved_config": "{", "arm": "a", "seed": "1", "step": "2"})
+              metadata={"resolved_config": "{", "routers": "[]", "seed": "1", "step": "2"})
     with pytest.raises(SchemaError, match="'resolved_config' is not JSON"):
+        run.read_train_metadata()
+    run.train_file.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(SchemaError, match="train.safetensors: not a readable safetensors file"):
         run.read_train_metadata()
 
 
@@ -316,3 +360,23 @@ def test_source_commit_names_this_checkout():
         return
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit or ""), f"should be HEAD's hash [+ -dirty], got {commit!r}"
     assert commit.startswith(git.stdout.strip()), f"{commit} should be this checkout's HEAD {git.stdout.strip()}"
+
+
+def test_train_content_hash_ignores_the_header_order_and_sees_every_tensor_and_metadata_item(tmp_path):
+    """safetensors writes its metadata in no fixed order: the content hash must not care, and must change with any
+    tensor byte or metadata value."""
+    run = RunDir(tmp_path / "r0")
+    run.path.mkdir()
+    tensors = {"b": torch.arange(4.0), "a": torch.ones(2, 3)}
+    save_file(tensors, str(run.train_file), metadata={"seed": "1", "step": "2"})
+    first = run.train_content_sha256()
+    save_file(dict(reversed(list(tensors.items()))), str(run.train_file), metadata={"step": "2", "seed": "1"})
+    assert run.train_content_sha256() == first, "the same content saved again, keys in another order"
+    save_file({**tensors, "a": torch.ones(2, 3).index_fill_(1, torch.tensor([2]), 1.5)}, str(run.train_file),
+              metadata={"seed": "1", "step": "2"})
+    assert run.train_content_sha256() != first, "one changed tensor entry"
+    save_file(tensors, str(run.train_file), metadata={"seed": "1", "step": "3"})
+    assert run.train_content_sha256() != first, "one changed metadata value"
+    run.train_file.write_bytes(b"\x05")
+    with pytest.raises(SchemaError, match="not a readable safetensors file"):
+        run.train_content_sha256()

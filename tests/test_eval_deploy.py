@@ -1,5 +1,6 @@
 """The stand-alone deploy evaluation (scripts/deploy_eval.py) on a saved run of the tiny model: real generation,
-real sandboxed grading, a schema-valid per_mode_deploy file; and the quarantine view really switched."""
+real sandboxed grading, a schema-valid per_mode_deploy file with every router's view; and the views really
+switched."""
 
 from __future__ import annotations
 
@@ -12,29 +13,31 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from verl_gq.adapter.config import QuarantineAdapterConfig
-from verl_gq.adapter.layer import KEEP, QUARANTINE
 from verl_gq.adapter.model import inject_quarantine_adapter
 from verl_gq.eval.deploy import DeploySettings, evaluate
+from verl_gq.eval.run_dir import RunDir
 from verl_gq.eval.schema import parse_deploy
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _saved_run(tmp: Path, model_dir: Path, quarantine_scale: float) -> Path:
-    """A run folder whose train.safetensors holds random kept knobs and quarantine knobs of `quarantine_scale`."""
+    """A run folder whose train.safetensors holds random effective knobs and, for routers route2b and random_v,
+    quarantine knobs of `quarantine_scale`."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-    adapter = inject_quarantine_adapter(model, QuarantineAdapterConfig(rank=8))
+    adapter = inject_quarantine_adapter(model, QuarantineAdapterConfig(rank=8, quarantines=["route2b", "random_v"]))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in adapter.layers.values():
-            layer.knobs[KEEP].copy_(0.1 * torch.randn(layer.rank, generator=generator))
-            layer.knobs[QUARANTINE].copy_(quarantine_scale * torch.randn(layer.rank, generator=generator))
-    run = tmp / "runs" / "route2b_s41"
+            layer.knobs[:, 0].copy_(0.1 * torch.randn(layer.rank, generator=generator))
+            layer.knobs[:, 1:].copy_(quarantine_scale * torch.randn(layer.rank, 2, generator=generator))
+    run = tmp / "runs" / "study_s41"
     run.mkdir(parents=True)
+    routers = {"route2b": {"direction_modes": ["run_tests", "sentinel"]}, "random_v": {"direction": "haar"}}
     config = {"actor_rollout_ref": {"model": {"path": str(model_dir)},
-                                    "actor": {"fsdp_config": {"gq": {"direction_modes": ["run_tests", "sentinel"]}}}}}
-    adapter.save(run / "train.safetensors", metadata={"resolved_config": json.dumps(config), "arm": "route2b",
-                                                      "seed": "41", "step": "3"})
+                                    "actor": {"fsdp_config": {"gq": {"routers": routers}}}}}
+    adapter.save(run / "train.safetensors", metadata={"resolved_config": json.dumps(config),
+                                                      "routers": json.dumps(list(routers)), "seed": "41", "step": "3"})
     return run
 
 
@@ -53,23 +56,23 @@ def test_deploy_eval_command_writes_a_valid_per_mode_file(tmp_path, tiny_model_d
     assert result.returncode == 0, result.stdout + result.stderr
     out = run / "per_mode_deploy.standalone.json"
     record = parse_deploy(out.read_text(), str(out))
-    assert (record.arm, record.seed, record.step, record.n_prompts, record.group) == ("route2b", 41, 3, 4, 2)
-    assert record.names_randomised and record.held_out_modes == ["stdout_marker", "file_marker"]
-    for block in (record.deployed, record.as_trained):
+    assert (record.seed, record.step, record.n_prompts, record.group) == (41, 3, 4, 2)
+    assert record.names_randomised and list(record.routers) == ["route2b", "random_v"]
+    assert record.routers["route2b"].held_out_modes == ["stdout_marker", "file_marker"]
+    assert record.routers["random_v"].held_out_modes == []
+    assert record.train_content_sha256 == RunDir(run).train_content_sha256(), "the evaluation names the file it read"
+    for block in (record.as_trained, *(r.deployed for r in record.routers.values())):
         assert block.overall.n == 8 and all(block.by_mode[m].n == 2 for m in block.by_mode if block.by_mode[m].n)
 
 
 def test_record_writes_the_runs_own_evaluation_and_an_eval_row(tmp_path, tiny_model_dir):
     """--record: the evaluation of a run trained without one becomes its per_mode_deploy.json and an eval row at the
     saved step, which is what scripts/report.py reads."""
-    from verl_gq.eval.run_dir import RunDir
-    from verl_gq.eval.schema import EvalBlock, KnobGradNorms, TrainRow
+    from verl_gq.eval.schema import EvalBlock, TrainRow
 
     def train_row(step: int) -> TrainRow:
         batch = EvalBlock.from_samples(["run_tests"] * 4, [True, False, False, False], [False] * 4, eval_modes=["run_tests"])
-        return TrainRow(step=step, time=100.0 + step, reward_mean=1.0, as_trained=batch, frout=0.0, cos=None,
-                        band=None, knob_grad_norm=KnobGradNorms(keep=1.0, quarantine=0.0), direction_refreshed=False,
-                        extra={})
+        return TrainRow(step=step, time=100.0 + step, reward_mean=1.0, as_trained=batch, grad_norm=1.0, routers={})
 
     run, eval_file = _saved_run(tmp_path, tiny_model_dir, 0.5), _eval_file(tmp_path)
     log = RunDir(run).open_metrics_log()
@@ -85,8 +88,8 @@ def test_record_writes_the_runs_own_evaluation_and_an_eval_row(tmp_path, tiny_mo
     assert RunDir(run).read_deploy().step == 3 and not (run / "per_mode_deploy.standalone.json").exists()
 
 
-def test_deployed_view_differs_from_as_trained_only_through_the_quarantine(tmp_path, tiny_model_dir, monkeypatch):
-    """With zero quarantine knobs both views sample the same answers; with large ones the answers change."""
+def test_deployed_views_differ_from_as_trained_only_through_their_quarantine(tmp_path, tiny_model_dir, monkeypatch):
+    """With zero quarantine knobs every view samples the same answers; with large ones each deployed view changes."""
     import verl_gq.eval.deploy as deploy
 
     eval_file = _eval_file(tmp_path)
@@ -96,11 +99,12 @@ def test_deployed_view_differs_from_as_trained_only_through_the_quarantine(tmp_p
     monkeypatch.setattr(deploy, "sample_answers", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     evaluate(str(tiny_model_dir), _saved_run(tmp_path / "zero", tiny_model_dir, 0.0) / "train.safetensors",
              eval_file, settings)
-    assert seen[0] == seen[1], "zero quarantine knobs: deployed and as-trained samples should be identical"
+    assert seen[0] == seen[1] == seen[2], "zero quarantine knobs: every view should sample identically"
     seen.clear()
     evaluate(str(tiny_model_dir), _saved_run(tmp_path / "big", tiny_model_dir, 5.0) / "train.safetensors",
              eval_file, settings)
-    assert seen[0] != seen[1], "large quarantine knobs: removing them should change what the model samples"
+    assert seen[0] != seen[1] and seen[0] != seen[2] and seen[1] != seen[2], \
+        "large quarantine knobs: removing each should change what the model samples, each its own way"
 
 
 def test_base_view_ignores_the_knobs(tmp_path, tiny_model_dir, monkeypatch):
@@ -114,10 +118,10 @@ def test_base_view_ignores_the_knobs(tmp_path, tiny_model_dir, monkeypatch):
     real = deploy.sample_answers
     monkeypatch.setattr(deploy, "sample_answers", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     big = _saved_run(tmp_path / "big", tiny_model_dir, 5.0) / "train.safetensors"
-    blocks = evaluate(str(tiny_model_dir), big, eval_file, settings, views=deploy.BASE_VIEWS)
+    blocks = evaluate(str(tiny_model_dir), big, eval_file, settings, views=[deploy.BASE])
     assert list(blocks) == ["base"] and blocks["base"].overall.n == 8
     evaluate(str(tiny_model_dir), _saved_run(tmp_path / "zero", tiny_model_dir, 0.0) / "train.safetensors",
-             eval_file, settings, views=deploy.BASE_VIEWS)
-    evaluate(str(tiny_model_dir), big, eval_file, settings, views={"as_trained": 1.0})
+             eval_file, settings, views=[deploy.BASE])
+    evaluate(str(tiny_model_dir), big, eval_file, settings, views=[deploy.AS_TRAINED])
     assert seen[0] == seen[1], "the base view should not depend on the run's knobs"
     assert seen[0] != seen[2], "the base model should answer differently from the trained one"

@@ -22,7 +22,17 @@ from reward.modes import MODES
 from verl_gq.eval.collect import collect_runs
 from verl_gq.eval.figures import default_long_run_arms, long_run, training_curves
 from verl_gq.eval.run_dir import RunDir, record_deploy_evaluation
-from verl_gq.eval.schema import Band, CosStats, DeployEval, EvalBlock, KnobGradNorms, ModeStats, TrainRow
+from verl_gq.eval.schema import (
+    Band,
+    CosStats,
+    DeployEval,
+    EvalBlock,
+    ModeStats,
+    RouterEval,
+    RouterStep,
+    TrainRow,
+    dump_json,
+)
 from verl_gq.eval.stats import mean_sem, paired_t_test
 from verl_gq.eval.tables import ablation_table, held_out_table, keynote_table
 
@@ -45,28 +55,40 @@ def block(hack: list[int], solve: list[int]) -> EvalBlock:
 
 def write_run(root: Path, name: str, *, arm: str, seed: int, hack: int | None = None,
               hack_by_mode: list[int] | None = None, solve: int = 2, steps: int = 4, frout: float = 0.25,
-              held_out: tuple[str, ...] = (), temperature: float = 0.7, gq: dict | None = None) -> RunDir:
-    """A complete run through the real writers: train rows 1..steps (as-trained hack = seed + step), eval rows at
-    steps/2 and the end, deploy hack as given, as-trained deploy hack = deploy hack + 2, solve = `solve`."""
+              held_out: tuple[str, ...] = (), temperature: float = 0.7, gq: dict | None = None,
+              routers: dict[str, int] | None = None) -> RunDir:
+    """A complete run through the real writers. arm "vanilla": a run without routers whose as-trained deploy hack is
+    as given. Any other arm: a run with that router (deploy hack as given, as-trained deploy hack = it + 2, router
+    config `gq`, held-out modes `held_out`) and the further `routers` ({name: deploy hack}). Train rows 1..steps
+    (as-trained hack = seed + step), eval rows at steps/2 and the end, solve = `solve` everywhere; train.safetensors
+    is written first and its hash recorded."""
     run = RunDir(root / name)
-    log = run.open_metrics_log()
     deploy_hack = hack_by_mode if hack_by_mode is not None else spread(hack)
+    named = {} if arm == "vanilla" else {arm: deploy_hack, **{r: spread(h) for r, h in (routers or {}).items()}}
+    router_config = {r: {"granularity": "rollout", "direction": "pairs", "band": "calibrated", "refresh": 5,
+                         "direction_modes": [], **(gq or {} if r == arm else {})} for r in named}
+    config = {"rank": 8, "seed": seed, "run_dir": str(run.path), "routers": router_config}
+    run.path.mkdir(parents=True)
+    save_file({"effective_knob": torch.zeros(3)}, str(run.train_file),
+              metadata={"resolved_config": json.dumps({"actor_rollout_ref": {"actor": {"fsdp_config": {"gq": config}}}}),
+                        "routers": json.dumps(list(named)), "seed": str(seed), "step": str(steps)})
+    as_trained_hack = deploy_hack if arm == "vanilla" else spread(sum(deploy_hack) + 2)
+    log = run.open_metrics_log()
     for step in range(1, steps + 1):
-        log.append(TrainRow(step=step, time=float(step), reward_mean=1.0,
-                            as_trained=block(spread(seed + step), spread(solve)), frout=frout,
-                            cos=CosStats(mean=0.1, std=0.2, min=-0.5, max=0.6), band=Band(lower=0.0, upper=0.3),
-                            knob_grad_norm=KnobGradNorms(keep=1.0, quarantine=0.5), direction_refreshed=step % 5 == 1))
+        routed = RouterStep(frout=frout, cos=CosStats(mean=0.1, std=0.2, min=-0.5, max=0.6),
+                            band=Band(lower=0.0, upper=0.3), kept_grad_norm=1.0, quarantine_grad_norm=0.5,
+                            direction_refreshed=step % 5 == 1)
+        log.append(TrainRow(step=step, time=float(step), reward_mean=1.0, as_trained=block(spread(seed + step),
+                            spread(solve)), grad_norm=1.2, routers={r: routed for r in named}))
         if step in (steps // 2, steps):
             record_deploy_evaluation(run, log, DeployEval(
-                run=name, arm=arm, seed=seed, step=step, model="tiny-qwen2", n_prompts=N_PROMPTS, group=GROUP,
-                temperature=temperature, eval_modes=list(MODES), names_randomised=True, held_out_modes=list(held_out),
-                deployed=block(deploy_hack, spread(solve)), as_trained=block(spread(sum(deploy_hack) + 2), spread(solve)),
-                created_at="2025-06-01T12:00:00+00:00", git_commit="abc123"))
-    gq = {"method": "route2b", "granularity": "rollout", "direction_source": "pairs", "band_mode": "calibrated",
-          "refresh": 5, "direction_modes": [], "seed": seed, "run_dir": str(run.path), **(gq or {})}
-    save_file({"keep_knob": torch.zeros(3)}, str(run.train_file),
-              metadata={"resolved_config": json.dumps({"actor_rollout_ref": {"actor": {"fsdp_config": {"gq": gq}}}}),
-                        "arm": arm, "seed": str(seed), "step": str(steps)})
+                run=name, seed=seed, step=step, model="tiny-qwen2", n_prompts=N_PROMPTS, group=GROUP,
+                temperature=temperature, eval_modes=list(MODES), names_randomised=True,
+                as_trained=block(as_trained_hack, spread(solve)),
+                routers={r: RouterEval(held_out_modes=list(held_out) if r == arm else [],
+                                       deployed=block(h, spread(solve))) for r, h in named.items()},
+                train_content_sha256=run.train_content_sha256(), created_at="2025-06-01T12:00:00+00:00",
+                git_commit="abc123"))
     return run
 
 
@@ -77,7 +99,7 @@ ROUTE2B_HACK = {0: 2, 1: 3, 2: 7}
 
 def write_keynote_runs(root: Path) -> None:
     for seed, hack in VANILLA_HACK.items():
-        write_run(root, f"vanilla_s{seed}", arm="vanilla", seed=seed, hack=hack, frout=0.0, gq={"method": "vanilla"})
+        write_run(root, f"vanilla_s{seed}", arm="vanilla", seed=seed, hack=hack, frout=0.0)
     for seed, hack in ROUTE2B_HACK.items():
         write_run(root, f"route2b_s{seed}", arm="route2b", seed=seed, hack=hack)
 
@@ -144,6 +166,60 @@ def test_keynote_table_has_the_known_means_sems_deltas_and_p(tmp_path):
     assert "0.0202 *" in table.markdown, "p < alpha should be marked"
 
 
+def test_the_routers_of_one_run_are_arms_paired_by_seed_with_the_run_as_trained(tmp_path):
+    """A study run per seed with routers route2b and random_v: three arms per run (each router's deployed model and
+    study:as_trained, the default baseline), compared pairwise by seed."""
+    random_v = {0: 5, 1: 6, 2: 9}
+    for seed, hack in ROUTE2B_HACK.items():
+        write_run(tmp_path, f"study_s{seed}", arm="route2b", seed=seed, hack=hack, routers={"random_v": random_v[seed]})
+    runset = collect_runs(tmp_path)
+    assert sorted(runset.arms) == ["random_v", "route2b", "study:as_trained"] and not runset.problems
+    from verl_gq.eval.collect import default_baseline
+
+    baseline = default_baseline(list(runset.arms))
+    assert baseline == "study:as_trained"
+    rows = keynote_table(runset, baseline, 0.05).frame.set_index("arm")
+    # as trained = route2b's deployed hack + 2 (write_run): route2b - as_trained = -2/16 on every seed
+    assert rows.loc["route2b", "delta_hack"] == pytest.approx(-2 / 16, abs=1e-15)
+    assert rows.loc["random_v", "delta_hack"] == pytest.approx(
+        np.mean([random_v[s] - ROUTE2B_HACK[s] - 2 for s in (0, 1, 2)]) / 16, abs=1e-15)
+    versus_random = keynote_table(runset, "random_v", 0.05).frame.set_index("arm").loc["route2b"]
+    assert versus_random.p_hack == pytest.approx(stats.ttest_rel([2, 3, 7], [5, 6, 9]).pvalue, rel=1e-12)
+    assert runset.arms["random_v"][0].train.frout.tolist() == [0.25] * 4, "each arm's own routed fraction"
+
+
+def test_a_run_written_before_routers_is_its_one_arm(tmp_path):
+    """Schema-1 files (per_mode_deploy.json with `arm`, metrics rows with knob_grad_norm, a train file naming `arm`)
+    are read as that one arm, with their own numbers."""
+    run = write_run(tmp_path, "route2b_s0", arm="route2b", seed=0, hack=3)
+    deploy = json.loads(run.deploy_file.read_text())
+    old = {k: v for k, v in deploy.items() if k not in ("routers", "train_content_sha256", "legacy_arm")}
+    old.update(schema_version=1, arm="route2b", held_out_modes=[], deployed=deploy["routers"]["route2b"]["deployed"])
+    run.deploy_file.write_text(json.dumps(old))
+    lines = []
+    for line in run.metrics_file.read_text().splitlines():
+        row = json.loads(line)
+        row["schema_version"] = 1
+        if row["kind"] == "train":
+            routed = row.pop("routers")["route2b"]
+            row.pop("grad_norm")
+            row.update(frout=routed["frout"], cos=routed["cos"], band=routed["band"],
+                       knob_grad_norm={"keep": routed["kept_grad_norm"], "quarantine": routed["quarantine_grad_norm"]},
+                       direction_refreshed=routed["direction_refreshed"])
+        elif row["kind"] == "eval":
+            row["deployed"] = row.pop("routers")["route2b"]
+        lines.append(json.dumps(row))
+    run.metrics_file.write_text("\n".join(lines) + "\n")
+    config = {"actor_rollout_ref": {"actor": {"fsdp_config": {"gq": {"method": "route2b", "granularity": "rollout",
+                                                                    "band_mode": "calibrated", "refresh": 5}}}}}
+    save_file({"keep_knob": torch.zeros(3)}, str(run.train_file),
+              metadata={"resolved_config": json.dumps(config), "arm": "route2b", "seed": "0", "step": "4"})
+    runset = collect_runs(tmp_path)
+    assert list(runset.arms) == ["route2b"] and not runset.problems, runset.problems
+    arm = runset.arms["route2b"][0]
+    assert arm.deploy.deployed.overall.hack == 3 / 16 and arm.router["band"] == "calibrated"
+
+
 def test_single_seed_arm_is_shown_but_never_compared_with_multi_seed_arms(tmp_path):
     write_keynote_runs(tmp_path)
     write_run(tmp_path, "lone_s0", arm="lone", seed=0, hack=1)
@@ -167,7 +243,7 @@ def test_arm_evaluated_under_other_settings_is_not_compared(tmp_path):
 def test_ablation_table_reports_config_knob_effect_and_frout(tmp_path):
     write_keynote_runs(tmp_path)
     rows = ablation_table(collect_runs(tmp_path), "vanilla").frame.set_index("arm")
-    assert rows.loc["route2b", "method"] == "route2b" and rows.loc["vanilla", "method"] == "vanilla"
+    assert rows.loc["route2b", "band"] == "calibrated" and pd.isna(rows.loc["vanilla", "band"])
     assert rows.loc["route2b", "knob_effect_hack_mean"] == pytest.approx(2 / 16, abs=1e-15), "as-trained = deployed + 2"
     assert rows.loc["route2b", "knob_effect_hack_sem"] == 0.0
     assert rows.loc["route2b", "frout_mean"] == 0.25 and rows.loc["vanilla", "frout_mean"] == 0.0
@@ -198,7 +274,7 @@ def test_missing_and_incomplete_runs_are_named_and_left_out(tmp_path):
     (tmp_path / "never_started").mkdir()
     broken = write_run(tmp_path, "route2b_s3", arm="route2b", seed=3, hack=2)
     data = json.loads(broken.deploy_file.read_text())
-    del data["deployed"]["overall"]["solve"]
+    del data["routers"]["route2b"]["deployed"]["overall"]["solve"]
     broken.deploy_file.write_text(json.dumps(data))
     gap = write_run(tmp_path, "route2b_s4", arm="route2b", seed=4, hack=2)
     lines = gap.metrics_file.read_text().splitlines()
@@ -207,18 +283,22 @@ def test_missing_and_incomplete_runs_are_named_and_left_out(tmp_path):
     lines = crashed.metrics_file.read_text().splitlines()
     crashed.metrics_file.write_text("\n".join(lines[:-2]) + "\n")  # log ends before the deploy step
     write_run(tmp_path, "route2b_s0_again", arm="route2b", seed=0, hack=2)
-    write_run(tmp_path, "vanilla_s6", arm="vanilla", seed=6, hack=2, temperature=1.0, gq={"method": "vanilla"})
+    write_run(tmp_path, "vanilla_s6", arm="vanilla", seed=6, hack=2, temperature=1.0)
+    changed = write_run(tmp_path, "route2b_s7", arm="route2b", seed=7, hack=2)
+    save_file({"effective_knob": torch.ones(3)}, str(changed.train_file),
+              metadata=dict(__import__("safetensors").safe_open(str(changed.train_file), "pt").metadata()))
 
     runset = collect_runs(tmp_path)
     problems = {p.subject: p for p in runset.problems}
     expected = {
         "run never_started": "no deploy evaluation",
-        "run route2b_s3": "missing field 'deployed.overall.solve'",
+        "run route2b_s3": "missing field 'routers.route2b.deployed.overall.solve'",
         "run route2b_s4": "steps 2..2 missing",
         "run route2b_s5": "train rows of",
         "run route2b_s0": "claimed by runs ['route2b_s0', 'route2b_s0_again']",
         "run route2b_s0_again": "claimed by runs",
         "run vanilla_s6": "['temperature'] differ from the other seeds' [0.7]",
+        "run route2b_s7": "the knobs changed after the evaluation",
     }
     for subject, fragment in expected.items():
         assert subject in problems and fragment in problems[subject].message and problems[subject].excluded, \
@@ -260,7 +340,7 @@ def test_long_run_figure_plots_each_run_and_defaults_to_arms_past_the_baseline(t
     write_keynote_runs(tmp_path / "runs")
     write_run(tmp_path / "runs", "long_s0", arm="route2b_long", seed=0, hack=3, steps=12)
     runset = collect_runs(tmp_path / "runs")
-    assert default_long_run_arms(runset, "vanilla") == ["route2b_long"]
+    assert default_long_run_arms(runset, "vanilla") == ["long:as_trained", "route2b_long"]
     png, csv = long_run(runset, ["route2b_long", "vanilla"], tmp_path)
     series = pd.read_csv(csv)
     assert set(series.run) == {"long_s0", "vanilla_s0", "vanilla_s1", "vanilla_s2"}, "each run drawn on its own"

@@ -1,12 +1,13 @@
-"""End to end through `python -m verl.trainer.main_ppo` on CPU: the route2b recipe on the tiny model and the real
-LeetCode loophole substrate (reward, data, shipped pairs), the organism_vanilla recipe on the shipped model organism
-(its parquet, the same reward), then the report over both runs.
+"""End to end through `python -m verl.trainer.main_ppo` on CPU: the route2b recipe with the held-out-modes overlay
+(two routers on one run) on the tiny model and the real LeetCode loophole substrate (reward, data, shipped pairs),
+the organism_vanilla recipe on the shipped model organism (its parquet, the same reward), then the report over both.
 
-What it shows: the mission command composes and trains with the gq engine and trainer; routing metrics and the
-reward's per-mode fields are logged every step; validation writes per_mode_deploy.json for the deployed (quarantine
-off) and as-trained models; train.safetensors holds knobs, direction and band; a run resumed from its checkpoint
-continues the same metrics log with the restored direction and band; the organism earns real reward from step 1
-(it solves ~40% of its problems, a random model none); scripts/report.py turns the runs into tables and a figure.
+What it shows: the mission command composes and trains with the gq engine and trainer; every router's metrics and
+the reward's per-mode fields are logged every step; validation writes per_mode_deploy.json with the as-trained view
+and each router's deployed view; train.safetensors holds the knobs and every router's direction and band; a run
+resumed from its checkpoint continues the same metrics log with the restored directions and bands; the organism
+earns real reward from step 1 (it solves ~40% of its problems, a random model none); scripts/report.py turns the
+runs into tables and a figure.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def runs(workspace, run_main_ppo) -> dict:
     ws = workspace
     logs = {}
     for run, recipes, steps, leetcode in (
-            ("route2b", "recipes/route2b,recipes/cpu_tiny", 2, True),
+            ("route2b", "recipes/route2b,recipes/held_out_modes,recipes/cpu_tiny", 2, True),
             # the organism on CPU (4 prompts x 4 samples a step), 8 held-out prompts x 1 sample
             ("vanilla", "recipes/organism_vanilla,recipes/organism_cpu", 2, False)):
         env = {**ws["env"], "VERL_FILE_LOGGER_PATH": str(ws["tmp"] / f"{run}_step_metrics.jsonl")}
@@ -85,8 +86,8 @@ def runs(workspace, run_main_ppo) -> dict:
         logs["route2b_state_at_2"] = {k: f.get_tensor(k) for k in f.keys() if k.startswith("extra.")}
     env = {**ws["env"], "VERL_FILE_LOGGER_PATH": str(ws["tmp"] / "route2b_resumed_step_metrics.jsonl")}
     logs["route2b_resumed"] = run_main_ppo(
-        ["+recipe=[recipes/route2b,recipes/cpu_tiny]", *common(ws, "route2b", 3), "trainer.resume_mode=auto"], env,
-        ws["tmp"], timeout=600)
+        ["+recipe=[recipes/route2b,recipes/held_out_modes,recipes/cpu_tiny]", *common(ws, "route2b", 3),
+         "trainer.resume_mode=auto"], env, ws["tmp"], timeout=600)
     return logs
 
 
@@ -95,19 +96,22 @@ def step_metrics(ws: dict, name: str) -> list[dict]:
     return [json.loads(line)["data"] for line in path.read_text().splitlines() if line.strip()]
 
 
+ROUTERS = ("route2b", "route2b_heldout")
+
+
 @pytest.mark.slow
 def test_route2b_recipe_logs_routing_and_per_mode_reward_metrics_every_step(workspace, runs):
     steps = step_metrics(workspace, "route2b")
     assert len(steps) == 2, "both training steps should be logged"
     for m in steps:
-        for key in ("actor/gq/frout", "actor/gq/cos_mean", "actor/gq/band_lower", "actor/gq/band_upper",
-                    "actor/gq/keep_grad_norm", "actor/gq/quarantine_grad_norm"):
-            assert key in m, f"route2b should log {key} every step"
+        for router in ROUTERS:
+            for key in ("frout", "cos/mean", "band_lower", "band_upper", "kept_grad_norm", "quarantine_grad_norm"):
+                assert f"actor/gq/{router}/{key}" in m, f"router {router} should log {key} every step"
         assert "train/hack/all" in m and "train/solve/all" in m, "the reward's fields should be logged every step"
         per_mode = {k.rsplit("/", 1)[-1] for k in m if k.startswith("train/hack/") and not k.endswith("/all")}
         assert per_mode and per_mode <= set(MODES), f"hack should be logged by the batch's modes, got {per_mode}"
     vanilla = step_metrics(workspace, "vanilla")
-    assert all("actor/gq/frout" not in m for m in vanilla), "the vanilla arm routes nothing and logs no gate"
+    assert all(not k.startswith("actor/gq/") for m in vanilla for k in m), "vanilla routes nothing and logs no gate"
 
 
 @pytest.mark.slow
@@ -122,43 +126,49 @@ def test_organism_earns_reward_from_the_first_step(workspace, runs):
     assert max(m["train/solve/all"] for m in steps) > 0, "the organism solves some of its problems"
     deploy = RunDir(workspace["tmp"] / "runs" / "vanilla").read_deploy()
     assert deploy.model == str(CHECKPOINT_DIR) and deploy.n_prompts == 8 and deploy.group == 1
-    assert {m: b.n for m, b in deploy.deployed.by_mode.items()} == {m: 2 for m in MODES}, "balanced evaluation"
+    assert {m: b.n for m, b in deploy.as_trained.by_mode.items()} == {m: 2 for m in MODES}, "balanced evaluation"
+    assert deploy.routers == {}, "vanilla: the as-trained view only"
 
 
 @pytest.mark.slow
 def test_runs_leave_valid_versioned_artifacts(workspace, runs):
     from verl_gq.eval import RunDir
 
-    for name in ("route2b", "vanilla"):
+    for name, routers in (("route2b", list(ROUTERS)), ("vanilla", [])):
         run = RunDir(workspace["tmp"] / "runs" / name)
         deploy = run.read_deploy()  # validates the schema
-        assert deploy.arm == name and deploy.step == (3 if name == "route2b" else 2)
+        assert list(deploy.routers) == routers and deploy.step == (3 if name == "route2b" else 2)
         assert set(deploy.eval_modes) >= set(MODES)
-        assert deploy.deployed.overall.n == deploy.as_trained.overall.n > 0
+        assert all(r.deployed.overall.n == deploy.as_trained.overall.n > 0 for r in deploy.routers.values())
+        assert deploy.train_content_sha256 == run.train_content_sha256(), "the evaluation names the file it read"
         rows = run.read_metrics()
         train_steps = [r.step for r in rows if r.kind == "train"]
         assert train_steps == list(range(1, (3 if name == "route2b" else 2) + 1)), f"{name}: one train row a step"
+        assert all(list(r.routers) == routers for r in rows if r.kind == "train"), f"{name}: every router, every step"
         assert any(r.kind == "eval" for r in rows), f"{name}: each evaluation is appended to the metrics log"
-        meta = run.read_train_metadata()
-        assert meta["arm"] == name
+        assert run.read_train_metadata()["routers"] == routers
+    held_out = RunDir(workspace["tmp"] / "runs" / "route2b").read_deploy().routers["route2b_heldout"].held_out_modes
+    assert held_out == ["sentinel", "file_marker"]
     with safe_open(str(workspace["tmp"] / "runs" / "route2b" / "train.safetensors"), framework="pt") as f:
         keys = list(f.keys())
-    assert any(k.startswith("extra.direction.") for k in keys) and "extra.band" in keys, keys
+    for router in ROUTERS:
+        assert any(k.startswith(f"extra.router.{router}.direction.") for k in keys), keys
+        assert f"extra.router.{router}.band" in keys, keys
 
 
 @pytest.mark.slow
 def test_resumed_run_restores_direction_and_band_and_continues_the_log(workspace, runs):
     [step3] = step_metrics(workspace, "route2b_resumed")
-    assert step3["actor/gq/optimizer_steps"] == 3, "the resumed engine should continue route2b's step counter"
-    assert "actor/gq/refresh" not in step3, (
-        "a restored direction is not re-extracted at step 3 (refresh=5); a lost one would be, logging gq/refresh"
+    assert step3["actor/gq/optimizer_steps"] == 3, "the resumed engine should continue the routers' step counter"
+    assert not any("/refresh/" in k for k in step3), (
+        "a restored direction is not re-extracted at step 3 (refresh=5); a lost one would be, logging its refresh"
     )
     with safe_open(str(workspace["tmp"] / "runs" / "route2b" / "train.safetensors"), framework="pt") as f:
         after = {k: f.get_tensor(k) for k in f.keys() if k.startswith("extra.")}
     before = runs["route2b_state_at_2"]
     # refresh=5: step 3 does not re-extract, so the direction and band are exactly the restored ones
     for key in before:
-        if key.startswith("extra.direction.") or key == "extra.band":
+        if key.startswith("extra.router."):
             assert (after[key] == before[key]).all(), f"{key} should be the state restored from the checkpoint"
 
 

@@ -11,14 +11,16 @@ from verl_gq.eval.schema import (
     DeployEval,
     EvalBlock,
     EvalRow,
-    KnobGradNorms,
     ModeStats,
     ResumeRow,
+    RouterEval,
+    RouterStep,
     SchemaError,
     TrainRow,
 )
 
 __all__ = [
-    "Band", "CosStats", "DeployEval", "EvalBlock", "EvalRow", "KnobGradNorms", "MetricsLog", "MetricsLogError",
-    "ModeStats", "ResumeRow", "RunDir", "SchemaError", "TrainRow", "record_deploy_evaluation", "source_commit",
+    "Band", "CosStats", "DeployEval", "EvalBlock", "EvalRow", "MetricsLog", "MetricsLogError", "ModeStats",
+    "ResumeRow", "RouterEval", "RouterStep", "RunDir", "SchemaError", "TrainRow", "record_deploy_evaluation",
+    "source_commit",
 ]

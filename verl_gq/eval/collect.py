@@ -1,12 +1,21 @@
-"""Turn a folder of run folders into the complete, mutually comparable runs the tables use, and the problems.
+"""Turn a folder of run folders into the complete, mutually comparable arms the tables use, and the problems.
 
-Rule: a run enters the tables only if it is complete and comparable; every other run is named in a `Problem`.
+A run folder holds one training run, named `<experiment>_s<seed>` by the recipes. Its arms: each router's deployed
+model (arm = the router's name) and, for a run with routers, the model as trained (arm `<experiment>:as_trained`: the
+effective knob, vanilla's training by construction); a run with no routers is the arm `vanilla`. Arms of one run are
+paired with each other by construction, and with arms of other runs by seed. A run written before routers (schema 1)
+is its one arm.
+
+Rule: a run enters the tables only if it is complete; an arm's seed only if it is comparable; every other run or
+seed is named in a `Problem`.
 - Complete: per_mode_deploy.json, metrics.jsonl and train.safetensors all exist and pass their schemas; train rows
   run from step 1 to the deploy step without a gap; the log has an eval row at the deploy step with the same
-  numbers as per_mode_deploy.json; the metadata of train.safetensors names the same arm, seed and step.
+  numbers as per_mode_deploy.json; the metadata of train.safetensors names the same routers, seed and step; and
+  train.safetensors is the file the evaluation was computed from (its SHA-256, where recorded).
 - Comparable within its arm: the seeds of an arm share the evaluation settings (step, model, prompts, group,
-  temperature, modes, name randomisation, held-out modes) and the `gq` config apart from seed and run_dir. Runs
-  that differ from the arm's majority are left out; with no strict majority the whole arm is left out.
+  temperature, modes, name randomisation, held-out modes), the arm's router config and the run's other `gq`
+  settings apart from seed and run_dir. Seeds that differ from the arm's majority are left out; with no strict
+  majority the whole arm is left out.
 - One run per (arm, seed): duplicates are all left out, since neither can be preferred.
 - Missing seeds: every arm is expected to have every seed any arm has (or the seeds given); a gap is a problem.
 """
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,14 +34,20 @@ from typing import Any, Optional
 import pandas as pd
 
 from verl_gq.eval.run_dir import RunDir
-from verl_gq.eval.schema import DeployEval, EvalRow, SchemaError, TrainRow
+from verl_gq.eval.schema import DeployEval, EvalBlock, EvalRow, SchemaError, TrainRow
 
 # verl's trainer counts global steps from 1; the first train row must be that step.
 FIRST_STEP = 1
 # Where verl-gq's config block sits in verl's resolved config (verl_gq/verl/config.py).
 GQ_CONFIG_PATH = ("actor_rollout_ref", "actor", "fsdp_config", "gq")
-# gq fields that legitimately differ between seeds of one arm.
-PER_SEED_GQ_FIELDS = ("seed", "run_dir")
+# gq fields that legitimately differ between seeds of one arm, and the routers (compared per arm).
+PER_SEED_GQ_FIELDS = ("seed", "run_dir", "routers")
+VANILLA_ARM = "vanilla"  # a run with no routers
+AS_TRAINED = "as_trained"  # the view of a run with routers as trained: arm `<experiment>:as_trained`
+SEED_SUFFIX = re.compile(r"_s\d+$")  # a run folder's seed suffix (recipes name runs <experiment>_s<seed>)
+# router field <- the gq key that held it in a run written before routers
+LEGACY_ROUTER_FIELDS = {"granularity": "granularity", "direction": "direction_source", "band": "band_mode",
+                        "refresh": "refresh", "direction_modes": "direction_modes"}
 
 
 class IncompleteRun(ValueError):
@@ -51,13 +67,33 @@ class Problem:
 
 
 @dataclass(frozen=True)
+class ArmDeploy:
+    """One arm's deploy evaluation: its deployed view beside the run's as-trained view, with the settings."""
+
+    arm: str
+    seed: int
+    step: int
+    model: str
+    n_prompts: int
+    group: int
+    temperature: float
+    eval_modes: list[str]
+    names_randomised: bool
+    held_out_modes: list[str]
+    deployed: EvalBlock
+    as_trained: EvalBlock
+
+
+@dataclass(frozen=True)
 class Run:
-    """A complete run: its deploy evaluation, its train and eval rows as flat frames, and its gq config."""
+    """One arm of a complete run: its deploy evaluation, its train and eval rows as flat frames (the train frame's
+    `frout` is the arm's own), the arm's router config and the run's other gq settings."""
 
     name: str
-    deploy: DeployEval
+    deploy: ArmDeploy
     train: pd.DataFrame
     evals: pd.DataFrame
+    router: dict[str, Any]
     gq: dict[str, Any]
 
     @property
@@ -67,11 +103,6 @@ class Run:
     @property
     def seed(self) -> int:
         return self.deploy.seed
-
-
-def _flat_frame(rows: Sequence[Any]) -> pd.DataFrame:
-    """Rows as a frame with dotted columns, e.g. `as_trained.by_mode.sentinel.hack`."""
-    return pd.json_normalize([dataclasses.asdict(r) for r in rows], sep=".")
 
 
 def gq_block(config: dict[str, Any], where: str) -> dict[str, Any]:
@@ -85,11 +116,53 @@ def gq_block(config: dict[str, Any], where: str) -> dict[str, Any]:
     return node
 
 
-def load_run(run_dir: RunDir) -> Run:
-    """Read and cross-check one run's artifacts; raise IncompleteRun naming the first defect."""
+def as_trained_arm(run_name: str) -> str:
+    """The as-trained arm of a run with routers: its experiment (the folder name without `_s<seed>`) + :as_trained."""
+    return f"{SEED_SUFFIX.sub('', run_name)}:{AS_TRAINED}"
+
+
+def arm_names(deploy: DeployEval) -> list[str]:
+    """The arms a deploy evaluation holds (module docstring)."""
+    if deploy.legacy_arm is not None:
+        return [deploy.legacy_arm]
+    if not deploy.routers:
+        return [VANILLA_ARM]
+    return [*deploy.routers, as_trained_arm(deploy.run)]
+
+
+def default_baseline(arms: Sequence[str]) -> str:
+    """The arm to compare with when none is named: the one as-trained arm if there is exactly one, else vanilla."""
+    as_trained = [arm for arm in arms if arm.endswith(f":{AS_TRAINED}")]
+    return as_trained[0] if len(as_trained) == 1 else VANILLA_ARM
+
+
+def _arm_deploy(deploy: DeployEval, arm: str) -> ArmDeploy:
+    router = deploy.routers.get(arm)
+    return ArmDeploy(arm=arm, seed=deploy.seed, step=deploy.step, model=deploy.model, n_prompts=deploy.n_prompts,
+                     group=deploy.group, temperature=deploy.temperature, eval_modes=list(deploy.eval_modes),
+                     names_randomised=deploy.names_randomised,
+                     held_out_modes=list(router.held_out_modes) if router else [],
+                     deployed=router.deployed if router else deploy.as_trained, as_trained=deploy.as_trained)
+
+
+def _flat(block: EvalBlock, prefix: str) -> dict[str, Any]:
+    return pd.json_normalize({prefix: dataclasses.asdict(block)}, sep=".").iloc[0].to_dict()
+
+
+def _arm_frames(arm: str, train: list[TrainRow], evals: list[EvalRow]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The arm's train rows (as trained, its own frout) and eval rows (its deployed view, the as-trained view)."""
+    train_rows = [{"step": r.step, "reward_mean": r.reward_mean, "frout": r.routers[arm].frout if arm in r.routers
+                   else 0.0, **_flat(r.as_trained, "as_trained")} for r in train]
+    eval_rows = [{"step": r.step, **_flat(r.routers.get(arm, r.as_trained), "deployed"),
+                  **_flat(r.as_trained, "as_trained")} for r in evals]
+    return pd.DataFrame(train_rows), pd.DataFrame(eval_rows)
+
+
+def load_run(run_dir: RunDir) -> list[Run]:
+    """Read and cross-check one run's artifacts; return its arms, or raise IncompleteRun naming the first defect."""
     try:
         deploy = run_dir.read_deploy()
-        rows = run_dir.read_metrics()
+        rows = run_dir.read_metrics(v1_arm=deploy.legacy_arm)
         metadata = run_dir.read_train_metadata()
     except (FileNotFoundError, SchemaError) as e:
         raise IncompleteRun(str(e)) from None
@@ -102,22 +175,44 @@ def load_run(run_dir: RunDir) -> Run:
     if train[-1].step != deploy.step:
         raise IncompleteRun(f"{run_dir.deploy_file} evaluates step {deploy.step} but the train rows of "
                             f"{run_dir.metrics_file} end at step {train[-1].step}")
-    final_eval = [r for r in rows if isinstance(r, EvalRow) and r.step == deploy.step]
+    evals = [r for r in rows if isinstance(r, EvalRow)]
+    final_eval = [r for r in evals if r.step == deploy.step]
     if not final_eval:
         raise IncompleteRun(f"{run_dir.metrics_file}: no eval row at the deploy step {deploy.step}")
-    if (final_eval[0].deployed, final_eval[0].as_trained) != (deploy.deployed, deploy.as_trained):
+    if final_eval[0] != EvalRow.from_deploy(deploy, time=final_eval[0].time):
         raise IncompleteRun(f"{run_dir.metrics_file}: the eval row at step {deploy.step} disagrees with "
                             f"{run_dir.deploy_file}; they must be the same evaluation")
-    for key in ("arm", "seed", "step"):
+    for key in ("seed", "step"):
         if metadata[key] != getattr(deploy, key):
             raise IncompleteRun(f"{run_dir.train_file}: metadata {key}={metadata[key]!r} but {run_dir.deploy_file} "
                                 f"says {key}={getattr(deploy, key)!r}")
-    evals = [r for r in rows if isinstance(r, EvalRow)]
-    return Run(name=run_dir.name, deploy=deploy, train=_flat_frame(train), evals=_flat_frame(evals),
-               gq=gq_block(metadata["resolved_config"], str(run_dir.train_file)))
+    if metadata["routers"] != list(deploy.routers):
+        raise IncompleteRun(f"{run_dir.train_file}: metadata routers={metadata['routers']} but {run_dir.deploy_file} "
+                            f"evaluates routers {list(deploy.routers)}")
+    if deploy.train_content_sha256 is not None:
+        try:
+            content = run_dir.train_content_sha256()
+        except SchemaError as e:
+            raise IncompleteRun(str(e)) from None
+        if content != deploy.train_content_sha256:
+            raise IncompleteRun(f"{run_dir.deploy_file} was computed from a train.safetensors of content SHA-256 "
+                                f"{deploy.train_content_sha256[:12]}..., but {run_dir.train_file} holds other content "
+                                f"({content[:12]}...): the knobs changed after the evaluation")
+    gq = gq_block(metadata["resolved_config"], str(run_dir.train_file))
+    routers = gq.get("routers") if isinstance(gq.get("routers"), dict) else {}
+    if deploy.legacy_arm is not None and deploy.legacy_arm != VANILLA_ARM:
+        # a run written before routers: its one arm's routing settings sat at the top of the gq block
+        routers = {deploy.legacy_arm: {field: gq.get(legacy) for field, legacy in LEGACY_ROUTER_FIELDS.items()}}
+    out = []
+    for arm in arm_names(deploy):
+        train_frame, eval_frame = _arm_frames(arm, train, evals)
+        out.append(Run(name=run_dir.name, deploy=_arm_deploy(deploy, arm), train=train_frame, evals=eval_frame,
+                       router=dict(routers.get(arm) or {}),
+                       gq={k: v for k, v in gq.items() if k not in PER_SEED_GQ_FIELDS}))
+    return out
 
 
-def eval_settings(deploy: DeployEval) -> dict[str, Any]:
+def eval_settings(deploy: ArmDeploy) -> dict[str, Any]:
     """What must match for two deploy evaluations to be compared."""
     return {"step": deploy.step, "model": deploy.model, "n_prompts": deploy.n_prompts, "group": deploy.group,
             "temperature": deploy.temperature, "eval_modes": sorted(deploy.eval_modes),
@@ -125,8 +220,8 @@ def eval_settings(deploy: DeployEval) -> dict[str, Any]:
 
 
 def _arm_settings(run: Run) -> dict[str, Any]:
-    gq = {k: v for k, v in run.gq.items() if k not in PER_SEED_GQ_FIELDS}
-    return {**eval_settings(run.deploy), "held_out_modes": sorted(run.deploy.held_out_modes), "gq": gq}
+    return {**eval_settings(run.deploy), "held_out_modes": sorted(run.deploy.held_out_modes), "router": run.router,
+            "gq": run.gq}
 
 
 def differing_fields(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -144,7 +239,7 @@ class RunSet:
 
 
 def collect_runs(root: Path, expected_seeds: Optional[Sequence[int]] = None) -> RunSet:
-    """Every subfolder of `root` is a run; return the usable ones by arm (sorted by seed) and the problems."""
+    """Every subfolder of `root` is a run; return the usable arms' runs by arm (sorted by seed) and the problems."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder of runs")
@@ -156,7 +251,7 @@ def collect_runs(root: Path, expected_seeds: Optional[Sequence[int]] = None) -> 
     loaded: list[Run] = []
     for folder in folders:
         try:
-            loaded.append(load_run(RunDir(folder)))
+            loaded.extend(load_run(RunDir(folder)))
         except IncompleteRun as e:
             problems.append(Problem(f"run {folder.name}", str(e), excluded=True))
             excluded.append(folder.name)

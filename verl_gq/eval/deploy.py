@@ -1,5 +1,5 @@
-"""Stand-alone deploy evaluation of a saved run: the base model plus the run's knobs, sampled with the quarantine
-off (deployed) and on (as trained) on the evaluation split of every mode, graded by the substrate's graders.
+"""Stand-alone deploy evaluation of a saved run: the base model plus the run's knobs, sampled as trained and deployed
+without each router's quarantine on the evaluation split of every mode, graded by the substrate's graders.
 
 It needs no verl and no rollout server: Hugging Face generation on the base model with the adapter injected and
 `train.safetensors` loaded (the file's basis fingerprints must match the base model, else it refuses). Inside a
@@ -9,7 +9,6 @@ training run the gq trainer writes the same file from verl's own validation (ver
 from __future__ import annotations
 
 import datetime
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,8 @@ from reward.dataset import grading_task
 from reward.grader import grade_batch
 from reward.modes import MODES, randomised_names
 from reward.prompts import build_messages
-from verl_gq.adapter.config import QuarantineAdapterConfig
-from verl_gq.adapter.model import inject_quarantine_adapter
-from verl_gq.eval.schema import DeployEval, EvalBlock
+from verl_gq.adapter.model import adapter_config_of, inject_quarantine_adapter
+from verl_gq.eval.schema import DeployEval, EvalBlock, RouterEval
 from verl_gq.models.sampling import sample_answers
 
 
@@ -61,25 +59,25 @@ def select_rows(frame: pd.DataFrame, n_prompts: int, seed: int) -> pd.DataFrame:
 def load_model_with_knobs(model_path: str, train_file: Path, device: str):
     """Base model + tokenizer with the adapter of `train_file` injected and loaded; returns (model, tokenizer,
     adapter)."""
-    with safe_open(str(train_file), framework="pt") as handle:
-        adapter_config = json.loads((handle.metadata() or {})["verl_gq.adapter_config"])
+    adapter_config = adapter_config_of(train_file)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).to(device)
-    adapter = inject_quarantine_adapter(model, QuarantineAdapterConfig(**adapter_config))
+    adapter = inject_quarantine_adapter(model, adapter_config)
     adapter.load(train_file)
     return model, tokenizer, adapter
 
 
-# view -> quarantine coefficient; None: the adapter disabled, i.e. the base model before any training
-VIEWS = {"deployed": 0.0, "as_trained": 1.0}
-BASE_VIEWS = {"base": None}
+AS_TRAINED = "as_trained"
+BASE = "base"  # the adapter disabled: the model the run started from
 
 
 def evaluate(model_path: str, train_file: Path, eval_file: Path, settings: DeploySettings,
-             views: Optional[dict] = None) -> dict[str, EvalBlock]:
-    """{view: per-mode hack/solve of n_prompts x group samples at the settings} for `views` (default VIEWS: deployed
-    and as trained; BASE_VIEWS: the base model the run started from, same prompts and sampling)."""
+             views: Optional[list[str]] = None) -> dict[str, EvalBlock]:
+    """{view: per-mode hack/solve of n_prompts x group samples at the settings} for `views`: "as_trained", a
+    router's name (deployed without its quarantine) or "base" (the base model the run started from, same prompts and
+    sampling). Default: as trained, then every router of the file."""
     model, tokenizer, adapter = load_model_with_knobs(model_path, train_file, settings.device)
+    views = views or [AS_TRAINED, *adapter.quarantine_names]
     rows = select_rows(pd.read_parquet(eval_file), settings.n_prompts, settings.seed)
     rng = random.Random(settings.seed)
     tasks, prompts = [], []
@@ -92,8 +90,8 @@ def evaluate(model_path: str, train_file: Path, eval_file: Path, settings: Deplo
             tasks.append((task.problem, task.mode, names))
             prompts.append(text)
     blocks = {}
-    for view, coefficient in (views or VIEWS).items():
-        with adapter.disabled() if coefficient is None else adapter.quarantine(coefficient):
+    for view in views:
+        with adapter.disabled() if view == BASE else adapter.viewing(None if view == AS_TRAINED else view):
             answers = sample_answers(model, tokenizer, prompts, settings.temperature, settings.max_new_tokens,
                                      settings.batch_size, settings.seed, settings.device)
         verdicts = grade_batch([(problem, answer, mode, names) for (problem, mode, names), answer in zip(tasks, answers)])
@@ -102,11 +100,16 @@ def evaluate(model_path: str, train_file: Path, eval_file: Path, settings: Deplo
     return blocks
 
 
-def deploy_record(run: str, arm: str, seed: int, step: int, model: str, settings: DeploySettings,
-                  blocks: dict[str, EvalBlock], held_out_modes: list[str], git_commit: Optional[str]) -> DeployEval:
+def deploy_record(run: str, seed: int, step: int, model: str, settings: DeploySettings, blocks: dict[str, EvalBlock],
+                  held_out_modes: dict[str, list[str]], git_commit: Optional[str],
+                  train_content_sha256: Optional[str]) -> DeployEval:
+    """The per_mode_deploy.json record of `evaluate`'s blocks: as trained, and every router in `held_out_modes`
+    ({router: the modes its direction held out})."""
     return DeployEval(
-        run=run, arm=arm, seed=seed, step=step, model=model, n_prompts=settings.n_prompts, group=settings.group,
+        run=run, seed=seed, step=step, model=model, n_prompts=settings.n_prompts, group=settings.group,
         temperature=settings.temperature, eval_modes=list(MODES), names_randomised=settings.randomise_names,
-        held_out_modes=held_out_modes, deployed=blocks["deployed"], as_trained=blocks["as_trained"],
+        as_trained=blocks[AS_TRAINED],
+        routers={name: RouterEval(held_out_modes=modes, deployed=blocks[name]) for name, modes in held_out_modes.items()},
+        train_content_sha256=train_content_sha256,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(), git_commit=git_commit,
     )

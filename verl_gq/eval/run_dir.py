@@ -1,8 +1,10 @@
 """A run's artifact folder, `out/runs/<run>/`, and the append-only metrics log.
 
-    train.safetensors     knobs, bases fingerprint, direction and band state (format: verl_gq.adapter); its
-                          safetensors metadata carries `resolved_config` (JSON), `arm`, `seed`, `step`
-    per_mode_deploy.json  the latest deploy evaluation (schema.DeployEval); at the end of a run, the final one
+    train.safetensors     knobs, bases fingerprint, every router's direction and band (format: verl_gq.adapter);
+                          its safetensors metadata carries `resolved_config` (JSON), `routers` (JSON list), `seed`,
+                          `step`
+    per_mode_deploy.json  the latest deploy evaluation (schema.DeployEval), with the content SHA-256 of the
+                          train.safetensors it was computed from; at the end of a run, the final one
     metrics.jsonl         one schema.MetricsRow per line: train rows per step, eval rows, resume events
     config.yaml           optional copy of the resolved config, for people; readers use the metadata
 
@@ -16,8 +18,10 @@ repeats or goes back on a step is an error, so no step is ever in the log twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 import subprocess
 import time as time_module
 from collections.abc import Iterator
@@ -42,8 +46,9 @@ TRAIN_FILE = "train.safetensors"
 DEPLOY_FILE = "per_mode_deploy.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
-# safetensors metadata keys this package reads (values are strings, as safetensors requires).
-METADATA_KEYS = ("resolved_config", "arm", "seed", "step")
+# safetensors metadata keys this package reads (values are strings, as safetensors requires); files written before
+# routers name one `arm` instead of `routers`.
+METADATA_KEYS = ("resolved_config", "seed", "step")
 
 
 def source_commit() -> Optional[str]:
@@ -79,12 +84,14 @@ def _lines(path: Path) -> Iterator[tuple[int, str, bool]]:
                 yield number, line.rstrip("\n"), line.endswith("\n")
 
 
-def read_metrics_rows(path: Path, *, tolerate_torn_tail: bool = False) -> tuple[list[MetricsRow], int]:
+def read_metrics_rows(path: Path, *, tolerate_torn_tail: bool = False,
+                      v1_arm: Optional[str] = None) -> tuple[list[MetricsRow], int]:
     """Every row of a metrics log, validated, and the number of torn tail lines skipped (0 or 1).
 
     A torn tail is a last line without its newline that does not parse: what a kill mid-write leaves. It is
     skipped only when `tolerate_torn_tail` (the resume path, which records it as dropped); readers for tables
     treat it as the schema error it is. Step order is checked per kind: a repeated or decreasing step is an error.
+    Schema-1 rows are converted with their routing under router `v1_arm` (schema.parse_metrics_row).
     """
     raw = list(_lines(path))
     rows: list[MetricsRow] = []
@@ -93,7 +100,7 @@ def read_metrics_rows(path: Path, *, tolerate_torn_tail: bool = False) -> tuple[
     for index, (number, text, has_newline) in enumerate(raw):
         where = f"{path}:{number}"
         try:
-            row = parse_metrics_row(text, where)
+            row = parse_metrics_row(text, where, v1_arm)
         except SchemaError:
             if tolerate_torn_tail and index == len(raw) - 1 and not has_newline:
                 torn = 1
@@ -198,34 +205,80 @@ class RunDir:
     def open_metrics_log(self, resume_from_step: Optional[int] = None) -> MetricsLog:
         return MetricsLog(self.metrics_file, resume_from_step)
 
-    def read_metrics(self) -> list[MetricsRow]:
+    def read_metrics(self, v1_arm: Optional[str] = None) -> list[MetricsRow]:
+        """The metrics log's rows; `v1_arm`: the router schema-1 rows' routing belongs to (the run's arm)."""
         if not self.metrics_file.exists():
             raise FileNotFoundError(f"{self.metrics_file}: no metrics log")
-        return read_metrics_rows(self.metrics_file)[0]
+        return read_metrics_rows(self.metrics_file, v1_arm=v1_arm)[0]
+
+    def train_content_sha256(self) -> str:
+        """SHA-256 of train.safetensors' content: every tensor (name, dtype, shape, bytes) and every metadata item, in
+        sorted order. What per_mode_deploy.json records as the knobs it evaluated; unlike the file's bytes it does
+        not change when the same content is saved again (safetensors writes its header's keys in no fixed order)."""
+        return content_sha256(self.train_file)
 
     def read_train_metadata(self) -> dict[str, Any]:
-        """The metadata of train.safetensors this package relies on: resolved_config parsed, seed/step as ints."""
+        """The metadata of train.safetensors this package relies on: resolved_config parsed, seed/step as ints, and
+        `routers` (a list; a file written before routers: its one `arm`)."""
         if not self.train_file.exists():
             raise FileNotFoundError(f"{self.train_file}: no saved knobs")
         # numpy: the header is all this reads, and the report need not import torch (any dtype opens this way)
-        with safe_open(self.train_file, framework="numpy") as f:
-            metadata = f.metadata() or {}
+        try:
+            with safe_open(self.train_file, framework="numpy") as f:
+                metadata = f.metadata() or {}
+        except Exception as error:  # safetensors raises its own types for a truncated or garbled header
+            raise SchemaError(f"{self.train_file}: not a readable safetensors file ({type(error).__name__}: "
+                              f"{error})") from None
         missing = [k for k in METADATA_KEYS if k not in metadata]
+        if "routers" not in metadata and "arm" not in metadata:
+            missing.append("routers")
         if missing:
-            raise SchemaError(f"{self.train_file}: metadata lacks {missing} (needs {list(METADATA_KEYS)})")
+            raise SchemaError(f"{self.train_file}: metadata lacks {missing} (needs {list(METADATA_KEYS)} and "
+                              "routers)")
         try:
             config = json.loads(metadata["resolved_config"])
         except json.JSONDecodeError as e:
             raise SchemaError(f"{self.train_file}: metadata 'resolved_config' is not JSON ({e})") from None
         if not isinstance(config, dict):
             raise SchemaError(f"{self.train_file}: metadata 'resolved_config' must be a JSON object")
-        parsed: dict[str, Any] = {"resolved_config": config, "arm": metadata["arm"]}
+        if "routers" in metadata:
+            try:
+                routers = json.loads(metadata["routers"])
+            except json.JSONDecodeError as e:
+                raise SchemaError(f"{self.train_file}: metadata 'routers' is not JSON ({e})") from None
+            if not isinstance(routers, list) or not all(isinstance(r, str) for r in routers):
+                raise SchemaError(f"{self.train_file}: metadata 'routers' must be a JSON list of names")
+        else:
+            routers = [metadata["arm"]]
+        parsed: dict[str, Any] = {"resolved_config": config, "routers": routers}
         for key in ("seed", "step"):
             try:
                 parsed[key] = int(metadata[key])
             except ValueError:
                 raise SchemaError(f"{self.train_file}: metadata '{key}' is {metadata[key]!r}, not an integer") from None
         return parsed
+
+
+def content_sha256(path: Path) -> str:
+    """SHA-256 of a safetensors file's content in a canonical order (see RunDir.train_content_sha256). Reads the
+    format directly (an 8-byte header length, a JSON header, the tensors' bytes), so it needs no torch."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        (length,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + length])
+        data = raw[8 + length :]
+        metadata = header.pop("__metadata__", {}) or {}
+        digest = hashlib.sha256()
+        for name in sorted(header):
+            entry = header[name]
+            start, end = entry["data_offsets"]
+            digest.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode())
+            digest.update(data[start:end])
+        digest.update(json.dumps(sorted(metadata.items())).encode())
+    except (struct.error, ValueError, KeyError, TypeError) as error:
+        raise SchemaError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from None
+    return digest.hexdigest()
 
 
 def record_deploy_evaluation(run_dir: RunDir, log: MetricsLog, deploy: DeployEval) -> None:

@@ -22,10 +22,12 @@ from pydantic.dataclasses import dataclass
 
 from reward.modes import ALL_MODES
 
-DEPLOY_SCHEMA_VERSION = 1
-METRICS_SCHEMA_VERSION = 1
-SUPPORTED_DEPLOY_VERSIONS = frozenset({DEPLOY_SCHEMA_VERSION})
-SUPPORTED_METRICS_VERSIONS = frozenset({METRICS_SCHEMA_VERSION})
+# Version 2: a run carries routers; each router has its deployed view, the run one as-trained view. Version 1 (one
+# arm per run: `arm`, `deployed`, `as_trained`) is still read, converted to version 2 (`legacy_arm` records the arm).
+DEPLOY_SCHEMA_VERSION = 2
+METRICS_SCHEMA_VERSION = 2
+SUPPORTED_DEPLOY_VERSIONS = frozenset({1, DEPLOY_SCHEMA_VERSION})
+SUPPORTED_METRICS_VERSIONS = frozenset({1, METRICS_SCHEMA_VERSION})
 
 # How far rate * n may sit from a whole count: rates are written as count / n in float64.
 _COUNT_TOLERANCE = 1e-6
@@ -133,17 +135,28 @@ def _check_modes(name: str, modes: Sequence[str]) -> None:
 
 
 @dataclass(frozen=True, kw_only=True, config=_STRICT)
-class DeployEval:
-    """`per_mode_deploy.json`: one evaluation of a run's weights with the knob off (deployed) and on (as_trained).
+class RouterEval:
+    """One router's deployed model (the run's weights with that router's quarantine deleted). `held_out_modes` are
+    the modes whose pairs were kept out of its direction and band (empty when all modes were used)."""
 
-    n_prompts prompts x `group` samples each at `temperature`, over `eval_modes`; `held_out_modes` are the modes
-    whose pairs were kept out of the direction and band (empty when all modes were used). `names_randomised`
-    says whether the exploit names (function, attribute, marker, file) were drawn per prompt.
+    held_out_modes: list[str]
+    deployed: EvalBlock
+
+
+@dataclass(frozen=True, kw_only=True, config=_STRICT)
+class DeployEval:
+    """`per_mode_deploy.json`: one evaluation of a run's weights as trained and deployed without each router's
+    quarantine (a run with no routers, vanilla, has the as-trained view only).
+
+    n_prompts prompts x `group` samples each at `temperature`, over `eval_modes`, for every view. `names_randomised`
+    says whether the exploit names (function, attribute, marker, file) were drawn per prompt. `train_content_sha256` is
+    the content SHA-256 (run_dir.content_sha256) of the train.safetensors the evaluation was computed from (None
+    where unknown). `legacy_arm` is set
+    only on a record read from a schema-1 file: its run's single arm (routers then holds that arm's deployed view).
     """
 
     schema_version: int = DEPLOY_SCHEMA_VERSION
     run: str = Field(min_length=1)
-    arm: str = Field(min_length=1)
     seed: int
     step: int = Field(ge=0)
     model: str = Field(min_length=1)
@@ -152,31 +165,53 @@ class DeployEval:
     temperature: float = Field(ge=0.0)
     eval_modes: list[str] = Field(min_length=1)
     names_randomised: bool
-    held_out_modes: list[str]
-    deployed: EvalBlock
     as_trained: EvalBlock
+    routers: dict[str, RouterEval]
+    train_content_sha256: Optional[str] = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     created_at: str
     git_commit: Optional[str]
+    legacy_arm: Optional[str] = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "DeployEval":
+        if self.schema_version != DEPLOY_SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version}: this record is version {DEPLOY_SCHEMA_VERSION}")
         _check_modes("eval_modes", self.eval_modes)
-        _check_modes("held_out_modes", self.held_out_modes)
-        outside = [m for m in self.held_out_modes if m not in self.eval_modes]
-        if outside:
-            raise ValueError(f"held_out_modes {outside} are not evaluated (eval_modes {self.eval_modes})")
-        for name in ("deployed", "as_trained"):
-            block: EvalBlock = getattr(self, name)
+        blocks = {"as_trained": self.as_trained}
+        for name, router in self.routers.items():
+            _check_modes(f"routers.{name}.held_out_modes", router.held_out_modes)
+            outside = [m for m in router.held_out_modes if m not in self.eval_modes]
+            if outside:
+                raise ValueError(f"routers.{name}.held_out_modes {outside} are not evaluated (eval_modes "
+                                 f"{self.eval_modes})")
+            blocks[f"routers.{name}.deployed"] = router.deployed
+        for name, block in blocks.items():
             if set(block.by_mode) != set(self.eval_modes):
                 raise ValueError(f"{name}.by_mode modes {sorted(block.by_mode)} must be eval_modes {sorted(self.eval_modes)}")
             if block.overall.n != self.n_prompts * self.group:
                 raise ValueError(f"{name}.overall.n = {block.overall.n} must be n_prompts x group = "
                                  f"{self.n_prompts} x {self.group}: every sample is graded (a crash scores 0)")
+        if self.legacy_arm is not None and list(self.routers) != [self.legacy_arm]:
+            raise ValueError(f"legacy_arm {self.legacy_arm!r}: a schema-1 record holds exactly that arm's view")
         try:
             datetime.fromisoformat(self.created_at)
         except ValueError as e:
             raise ValueError(f"created_at {self.created_at!r} is not an ISO 8601 time") from e
         return self
+
+    def deployed(self, router: str) -> EvalBlock:
+        return self.routers[router].deployed
+
+
+def _deploy_from_v1(data: dict) -> dict:
+    """A schema-1 per_mode_deploy.json as a schema-2 record: its arm becomes the one router (deployed view kept)."""
+    data = dict(data)
+    arm = data.pop("arm", None)
+    held_out = data.pop("held_out_modes", None)
+    deployed = data.pop("deployed", None)
+    data.update(schema_version=DEPLOY_SCHEMA_VERSION, legacy_arm=arm,
+                routers={arm: {"held_out_modes": held_out, "deployed": deployed}} if isinstance(arm, str) else arm)
+    return data
 
 
 @dataclass(frozen=True, kw_only=True, config=_STRICT)
@@ -202,18 +237,25 @@ class Band:
 
 
 @dataclass(frozen=True, kw_only=True, config=_STRICT)
-class KnobGradNorms:
-    """L2 norms over all modules of the gradient each knob received this step (after routing)."""
+class RouterStep:
+    """One router's optimizer step. frout: its routed fraction of gradient mass; cos/band: null for a router with no
+    direction or band (constant); kept/quarantine_grad_norm: L2 norms over all modules of its kept (total - routed)
+    and routed gradients; direction_refreshed: its direction was re-extracted before this step's update."""
 
-    keep: float = Field(ge=0.0)
-    quarantine: float = Field(ge=0.0)
+    frout: float = Field(ge=0.0, le=1.0)
+    cos: Optional[CosStats]
+    band: Optional[Band]
+    kept_grad_norm: float = Field(ge=0.0)
+    quarantine_grad_norm: float = Field(ge=0.0)
+    direction_refreshed: bool
 
 
 @dataclass(frozen=True, kw_only=True, config=_STRICT)
 class TrainRow:
-    """One optimizer step, as trained (knob on). `cos` and `band` are null where the arm has no direction
-    (vanilla); `direction_refreshed` marks a step whose direction was re-extracted before its update.
-    `extra` holds any further scalar the engine logs, outside the schema's guarantees."""
+    """One optimizer step, as trained (the effective knob: vanilla's model). `grad_norm`: the L2 norm of the total
+    (effective) knob gradient before clipping (null in a row read from schema 1, which did not record it for a
+    routing arm); `routers`: each router's step (empty for vanilla). `extra` holds any further scalar the engine
+    logs, outside the schema's guarantees."""
 
     schema_version: int = METRICS_SCHEMA_VERSION
     kind: Literal["train"] = "train"
@@ -221,17 +263,15 @@ class TrainRow:
     time: float
     reward_mean: float
     as_trained: EvalBlock
-    frout: float = Field(ge=0.0, le=1.0)
-    cos: Optional[CosStats]
-    band: Optional[Band]
-    knob_grad_norm: KnobGradNorms
-    direction_refreshed: bool
+    grad_norm: Optional[float] = Field(ge=0.0)
+    routers: dict[str, RouterStep]
     extra: dict[str, Union[bool, int, float, str, None]] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True, config=_STRICT)
 class EvalRow:
-    """A periodic deploy evaluation (the same numbers `per_mode_deploy.json` holds for its step)."""
+    """A periodic deploy evaluation (the same numbers `per_mode_deploy.json` holds for its step): the as-trained view
+    and each router's deployed view."""
 
     schema_version: int = METRICS_SCHEMA_VERSION
     kind: Literal["eval"] = "eval"
@@ -241,14 +281,36 @@ class EvalRow:
     group: int = Field(ge=1)
     temperature: float = Field(ge=0.0)
     names_randomised: bool
-    deployed: EvalBlock
     as_trained: EvalBlock
+    routers: dict[str, EvalBlock]
 
     @classmethod
     def from_deploy(cls, deploy: DeployEval, time: float) -> "EvalRow":
         return cls(step=deploy.step, time=time, n_prompts=deploy.n_prompts, group=deploy.group,
                    temperature=deploy.temperature, names_randomised=deploy.names_randomised,
-                   deployed=deploy.deployed, as_trained=deploy.as_trained)
+                   as_trained=deploy.as_trained,
+                   routers={name: router.deployed for name, router in deploy.routers.items()})
+
+
+def _row_from_v1(data: dict, arm: Optional[str]) -> dict:
+    """A schema-1 metrics row as schema 2: a train row's routing fields and an eval row's deployed view become the
+    run's one router, named `arm` (the run's schema-1 arm; vanilla's train rows, which routed nothing, get none)."""
+    data = dict(data, schema_version=METRICS_SCHEMA_VERSION)
+    if arm is None and data.get("kind") in ("train", "eval"):
+        raise ValueError("a schema-1 metrics row needs its run's arm (from per_mode_deploy.json) to be read")
+    if data.get("kind") == "train":
+        norms = data.pop("knob_grad_norm", None)
+        routing = {key: data.pop(key, None) for key in ("frout", "cos", "band", "direction_refreshed")}
+        keep = norms.get("keep") if isinstance(norms, dict) else None
+        quarantine = norms.get("quarantine") if isinstance(norms, dict) else None
+        # schema 1 kept the kept and quarantine norms apart: the total's norm is known only where nothing was routed
+        data["grad_norm"] = keep if arm == "vanilla" else None
+        data["routers"] = {} if arm == "vanilla" else {arm: {
+            "frout": routing["frout"], "cos": routing["cos"], "band": routing["band"], "kept_grad_norm": keep,
+            "quarantine_grad_norm": quarantine, "direction_refreshed": routing["direction_refreshed"]}}
+    elif data.get("kind") == "eval":
+        data["routers"] = {arm: data.pop("deployed", None)}
+    return data
 
 
 @dataclass(frozen=True, kw_only=True, config=_STRICT)
@@ -302,21 +364,29 @@ def _load_json(text: str, where: str) -> Any:
 
 
 def parse_deploy(text: str, where: str) -> DeployEval:
-    """A `DeployEval` from the text of a per_mode_deploy.json; `where` names the file in errors."""
-    _check_version(_load_json(text, where), SUPPORTED_DEPLOY_VERSIONS, where)
+    """A `DeployEval` from the text of a per_mode_deploy.json (schema 1 converted); `where` names the file in errors."""
+    data = _load_json(text, where)
+    _check_version(data, SUPPORTED_DEPLOY_VERSIONS, where)
     try:
+        if data["schema_version"] == 1:
+            return _DEPLOY.validate_json(json.dumps(_deploy_from_v1(data)))
         return _DEPLOY.validate_json(text)
     except ValidationError as e:
         raise SchemaError(f"{where}: {_describe(e)}") from None
 
 
-def parse_metrics_row(text: str, where: str) -> MetricsRow:
-    """One metrics row from one JSONL line; `where` names file and line in errors."""
-    _check_version(_load_json(text, where), SUPPORTED_METRICS_VERSIONS, where)
+def parse_metrics_row(text: str, where: str, v1_arm: Optional[str] = None) -> MetricsRow:
+    """One metrics row from one JSONL line; `where` names file and line in errors. A schema-1 row is converted, its
+    routing fields given to the router `v1_arm` (the run's schema-1 arm)."""
+    data = _load_json(text, where)
+    _check_version(data, SUPPORTED_METRICS_VERSIONS, where)
     try:
+        if data["schema_version"] == 1:
+            return _ROW.validate_json(json.dumps(_row_from_v1(data, v1_arm)))
         return _ROW.validate_json(text)
-    except ValidationError as e:
-        raise SchemaError(f"{where}: {_describe(e)}") from None
+    except ValueError as e:  # pydantic's ValidationError is one; _row_from_v1's missing arm the other
+        message = _describe(e) if isinstance(e, ValidationError) else str(e)
+        raise SchemaError(f"{where}: {message}") from None
 
 
 def dump_json(record: Union[DeployEval, MetricsRow]) -> str:

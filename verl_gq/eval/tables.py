@@ -19,7 +19,8 @@ import pandas as pd
 from verl_gq.eval.collect import Run, RunSet, differing_fields, eval_settings
 from verl_gq.eval.stats import TEST_NAME, mean_sem, paired_t_test
 
-ABLATION_CONFIG_FIELDS = ("method", "granularity", "direction_source", "band_mode", "refresh", "direction_modes")
+# the router settings the ablation table shows (empty for vanilla and as_trained)
+ABLATION_CONFIG_FIELDS = ("granularity", "direction", "band", "match", "refresh", "direction_modes")
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def ablation_table(runset: RunSet, baseline: str) -> Table:
         runs = runset.arms[arm]
         row: dict[str, Any] = {"arm": arm, "n_seeds": len(runs)}
         for key in ABLATION_CONFIG_FIELDS:
-            value = runs[0].gq.get(key)
+            value = runs[0].router.get(key)
             row[key] = " ".join(value) if isinstance(value, list) else value
         row["held_out_modes"] = " ".join(runs[0].deploy.held_out_modes)
         for block in ("deployed", "as_trained"):
