@@ -8,7 +8,7 @@ Runs on a tiny random Qwen2 in one process and prints median times and ratios (n
   stash+tok   the same plus the per-token stash of response positions (route2b, token granularity)
   per-sample  forward once, then one autograd.grad per rollout (the naive way to get the same numbers)
 
-    python scripts/bench_capture.py --batch 8 --seq 64 --rank 16 --repeats 5
+    python benchmarks/bench_capture.py --batch 8 --seq 64 --rank 16 --repeats 5
 """
 
 from __future__ import annotations
