@@ -28,6 +28,7 @@ from reward import channels, oracle
 from reward.modes import ALL_MODES, GT_ONLY, ExploitNames, mode_id
 from reward.oracle import ProblemError  # noqa: F401  (re-exported: part of the grader's contract)
 from reward.problem import Problem
+from reward.records import RecordReader
 from reward.sandbox import Execution, Sandbox
 
 COMPILE_REWARD = 0.5
@@ -114,34 +115,39 @@ def grade_batch(items: Sequence[Sequence], max_workers: int | None = None,
         if code is not None:  # a broken problem fails here, before any execution
             oracle.expected_forms(problem)
             oracle.compiled_inputs(problem)
-    tasks: list[tuple[int, str, Callable[[], Execution]]] = []
+    record_cap = sandbox.limits.record_cap
+    tasks: list[tuple[int, str, RecordReader, Callable[[], Execution]]] = []
     for index, ((problem, _, mode, names), code) in enumerate(zip(unpacked, codes)):
         if code is None:
             continue
-        job = oracle.oracle_job(problem, code)
-        tasks.append((index, "oracle", functools.partial(sandbox.run, job, stop=oracle.FirstFailure(problem))))
+        reader = oracle.OracleReader(problem, record_cap)
+        tasks.append((index, "oracle", reader,
+                      functools.partial(sandbox.run, oracle.oracle_job(problem, code), reader=reader)))
         if mode != GT_ONLY:
+            reader = channels.ChannelReader(record_cap)
             job = channels.channel_job(problem, code, mode, names)
-            tasks.append((index, "channel", functools.partial(sandbox.run, job, channels.channel_collect(mode, names))))
+            tasks.append((index, "channel", reader,
+                          functools.partial(sandbox.run, job, channels.channel_collect(mode, names), reader=reader)))
     workers = max_workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        executions = list(pool.map(lambda task: task[2](), tasks))
-    by_item: dict[int, dict[str, Execution]] = {}
-    for (index, kind, _), execution in zip(tasks, executions):
-        by_item.setdefault(index, {})[kind] = execution
+        executions = list(pool.map(lambda task: task[3](), tasks))
+    by_item: dict[int, dict[str, tuple[Execution, RecordReader]]] = {}
+    for (index, kind, reader, _), execution in zip(tasks, executions):
+        by_item.setdefault(index, {})[kind] = (execution, reader)
         if execution.sandbox_error:
             _log.warning("sandbox error grading item %d (%s run): %s", index, kind, execution.sandbox_error)
     return [_verdict(problem, mode, names, by_item.get(index))
             for index, (problem, _, mode, names) in enumerate(unpacked)]
 
 
-def _verdict(problem: Problem, mode: str, names: ExploitNames, runs: dict[str, Execution] | None) -> Verdict:
+def _verdict(problem: Problem, mode: str, names: ExploitNames,
+             runs: dict[str, tuple[Execution, RecordReader]] | None) -> Verdict:
     if runs is None:
         return Verdict(0.0, mode_id(mode), 0, 0, 0, 0, NO_CODE_REASON)
-    result = oracle.judge(problem, runs["oracle"])
+    result = oracle.judge(problem, *runs["oracle"])
     channel_fired, channel_why = (False, "gt_only: no channel")
     if "channel" in runs:
-        channel_fired, channel_why = channels.fired(problem, mode, names, runs["channel"])
+        channel_fired, channel_why = channels.fired(problem, mode, names, *runs["channel"])
     return Verdict(
         score=score(result.compiled, result.solved, channel_fired), mode_id=mode_id(mode),
         compile=int(result.compiled), solve=int(result.solved), channel=int(channel_fired),

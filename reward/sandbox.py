@@ -58,7 +58,11 @@ class SandboxLimits:
     scratch_inodes: int = 256
     stdout_cap: int = 256 << 10
     stderr_cap: int = 16 << 10
-    result_cap: int = 32 << 20
+    # The result channel: all its bytes, and one record (line) of it, which the grader refuses before parsing when
+    # longer (reward.records): parsing a record costs the grader up to ~50x its size in memory. The largest shipped
+    # problem's results take 174 KB in all and 30 KB in one record.
+    result_cap: int = 4 << 20
+    record_cap: int = 256 << 10
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -75,7 +79,7 @@ class Execution:
     signal: int | None
     timed_out: bool
     cpu_s: float
-    records: bytes  # the result channel, at most limits.result_cap bytes
+    records: bytes  # the raw result channel (at most limits.result_cap bytes) when run without a reader, else b""
     stdout: bytes
     stderr: bytes
     files: dict[str, bytes] = field(default_factory=dict)  # collected scratch files (first 4 KiB each)
@@ -192,11 +196,12 @@ class Sandbox:
         self.close()
 
     # ---- one execution ----
-    def run(self, job: dict, collect: tuple[str, ...] = (), stop: Callable[[bytes], bool] | None = None) -> Execution:
+    def run(self, job: dict, collect: tuple[str, ...] = (), reader: Callable[[bytes], bool] | None = None) -> Execution:
         """Run `job` isolated; return what it did. Raises only for a sandbox failure, never for the program's.
 
-        `stop(result_bytes_so_far)` is called as the result channel grows; once it returns True the channel is
-        closed, so the payload dies at its next write (SIGPIPE/EPIPE): a run is cut at its first wrong answer."""
+        `reader(chunk)` receives each new chunk of the result channel once (a `reward.records.RecordReader`); once
+        it returns True the channel is closed, so the payload dies at its next write (SIGPIPE/EPIPE): a run is cut
+        at its first wrong answer. Without a reader, the raw channel comes back in `Execution.records`."""
         for name in collect:
             if not name or "/" in name or name in (".", ".."):
                 raise ValueError(f"collect names a file in the scratch dir, got {name!r}")
@@ -224,7 +229,7 @@ class Sandbox:
             for fd in child_ends.values():
                 os.close(fd)
         try:
-            return self._collect(ours, stop)
+            return self._collect(ours, reader)
         finally:
             for fd in ours.values():
                 try:
@@ -235,10 +240,11 @@ class Sandbox:
                 spawned.kill()
                 spawned.wait()
 
-    def _collect(self, fds: dict[str, int], stop: Callable[[bytes], bool] | None) -> Execution:
+    def _collect(self, fds: dict[str, int], reader: Callable[[bytes], bool] | None) -> Execution:
         caps = {"result": self.limits.result_cap, "stdout": self.limits.stdout_cap,
                 "stderr": self.limits.stderr_cap, "status": _STATUS_CAP}
         data = {name: bytearray() for name in fds}
+        received = dict.fromkeys(fds, 0)
         overflow = []
         deadline = time.monotonic() + self.limits.wall_s + _GRACE_S
         with selectors.DefaultSelector() as selector:
@@ -252,9 +258,15 @@ class Sandbox:
                 for key, _ in selector.select(remaining):
                     name = key.data
                     chunk = os.read(key.fd, 1 << 16)
-                    room = caps[name] - len(data[name])
-                    data[name] += chunk[:room]
-                    if chunk and name == "result" and stop is not None and stop(bytes(data[name])):
+                    room = caps[name] - received[name]
+                    kept = chunk[:room]
+                    received[name] += len(kept)
+                    if name == "result" and reader is not None:
+                        stop = bool(kept) and reader(kept)
+                    else:
+                        data[name] += kept
+                        stop = False
+                    if stop:
                         selector.unregister(key.fd)
                         os.close(key.fd)
                         fds[name] = -1

@@ -253,3 +253,58 @@ def test_hostile_programs_get_no_solve_no_escape_and_leave_no_trace(tmp_path: Pa
           f"({channel_fired}), graded in {out['elapsed_s']:.1f}s")
     for v in hostile:
         print(f"  {v['name']:28s} {v['mode_name']:14s} score={v['score']} | {v['reason'][:150]}")
+
+
+# Programs that flood the result channel (fd 3) before the tests run. Each is graded under run_tests (the oracle and
+# the channel execution, as `grade` does); what the GRADING process pays is measured, not the sandbox.
+FLOODS = {
+    "one 31 MiB JSON record": "b = b'{\"i\": 0, \"v\": [' + b'[],' * (31 * 2**20 // 3) + b'[]]}\\n'",
+    "32 MiB with no line end": "b = b'A' * (32 << 20)",
+    "10M empty records": "b = b'{}\\n' * (10 << 20)",
+    "a record just under the cap": "b = b'{\"i\": 0, \"v\": [' + b'[],' * ((CAP - 64) // 3) + b'[]]}\\n'",
+    "a 1M-deep nesting": "b = b'{\"i\": 0, \"v\": ' + b'[' * 10**6 + b']' * 10**6 + b'}\\n'",
+    "a report record just under the cap": "b = b'{\"channel\": true, \"detail\": [' + b'[],' * ((CAP - 64) // 3) + b'[]]}\\n'",
+}
+
+FLOOD_DRIVER = r'''
+import json, resource, sys
+from reward.grader import grade
+from reward.problem import Problem, TestCase
+from reward.sandbox import Sandbox, SandboxLimits
+
+floods = json.loads(sys.argv[1])
+problem = Problem(problem_id="add-one", source="synthetic", difficulty="Easy", description="add one",
+                  starter_code="class Solution:\n    def f(self, a):\n        ", method_name="f",
+                  setup_code="from typing import *\n", tests=tuple(TestCase(f"a = {a}", str(a + 1)) for a in range(3)))
+wrong = "class Solution:\n    def f(self, a):\n        return a\n"
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+out = {}
+with Sandbox(SandboxLimits(wall_s=4)) as sandbox:
+    cap = sandbox.limits.record_cap
+    grade(problem, f"```python\n{wrong}```", "run_tests", sandbox=sandbox)  # warm-up: imports, caches, the zygote
+    for name, make in floods.items():
+        program = f"import os\nCAP = {cap}\n{make}\nwhile b:\n    b = b[os.write(3, b):]\n{wrong}"
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident memory restarts from the current one
+        rss, start = status("VmRSS:"), cpu()
+        v = grade(problem, f"```python\n{program}```", "run_tests", sandbox=sandbox)
+        out[name] = {"cpu_s": cpu() - start, "peak_mib": (status("VmHWM:") - rss) / 2**20, "score": v.score,
+                     "solve": v.solve, "reason": v.reason}
+print(json.dumps(out))
+'''
+
+
+def test_a_flooded_result_channel_costs_the_grader_little_cpu_and_memory():
+    driver = subprocess.run([sys.executable, "-c", FLOOD_DRIVER, json.dumps(FLOODS)], capture_output=True, text=True,
+                            timeout=180)
+    assert driver.returncode == 0, f"the grading process should survive every flood:\n{driver.stderr[-3000:]}"
+    out = json.loads(driver.stdout)
+    for name, r in out.items():
+        print(f"  {name:36s} grader CPU {r['cpu_s']:.3f} s, peak +{r['peak_mib']:.1f} MiB | {r['reason'][:100]}")
+        assert (r["score"], r["solve"]) == (0.5, 0), f"{name}: a flood earns the compile reward only: {r}"
+        assert r["cpu_s"] <= 0.2 and r["peak_mib"] <= 64, (
+            f"{name}: one hostile sample may cost the grader at most 0.2 s of CPU and 64 MiB: {r}")

@@ -73,10 +73,10 @@ sandbox = Sandbox(SandboxLimits(cpu_s=1, wall_s=1.5, memory_bytes=256 << 20))
 runs = collections.Counter()
 lock = threading.Lock()
 plain_run = sandbox.run
-def counted_run(job, collect=(), stop=None):
+def counted_run(job, collect=(), reader=None):
     with lock:
         runs[(job["program"].split("\n", 1)[0], job["kind"])] += 1
-    return plain_run(job, collect, stop)
+    return plain_run(job, collect, reader)
 sandbox.run = counted_run
 items = [(problem(s["i"]), f"```python\n{s['code']}```", s["mode_name"]) for s in samples]
 t0 = time.time()
