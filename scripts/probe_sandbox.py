@@ -224,6 +224,7 @@ _PATHS_PROGRAM = textwrap.dedent("""
         "sys.executable/prefix": repr([sys.executable, sys.prefix, sys.base_prefix, sys.exec_prefix]),
         "sys.argv/orig_argv": repr([sys.argv, getattr(sys, "orig_argv", None)]),
         "module __file__": repr([getattr(m, "__file__", None) for m in list(sys.modules.values())]),
+        "sysconfig build vars": repr(__import__("sysconfig").get_config_vars()),
         "code co_filename": repr([getattr(getattr(f, "__code__", None), "co_filename", None)
                                   for m in list(sys.modules.values()) for f in list(vars(m).values())]),
     }
