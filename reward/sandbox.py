@@ -129,7 +129,22 @@ class SandboxUnavailable(RuntimeError):
             f"or set {ISOLATION_ENV}=unisolated.")
 
 
-def _host_problems(isolation: str) -> list[str]:
+def _uid_map() -> list[tuple[int, int, int]]:
+    """This process's user namespace's uid map: (first uid inside, first uid outside, count) ranges."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return [tuple(int(x) for x in line.split()) for line in f if line.strip()]
+    except OSError:
+        return [(0, 0, 1 << 32)]
+
+
+def _in_initial_user_namespace() -> bool:
+    """True for the host's own user namespace (root there is the real root); False inside a container's, where
+    root is some unprivileged uid of the host and userns mode is what isolates."""
+    return _uid_map() == [(0, 0, 4294967295)]
+
+
+def _host_problems(isolation: str, uid_base: int) -> list[str]:
     """What this host visibly lacks for `isolation` (before trying it)."""
     problems = []
     if sys.platform != "linux":
@@ -146,7 +161,11 @@ def _host_problems(isolation: str) -> list[str]:
         problems.append(_seccomp.supported())
     if isolation == "root" and os.geteuid() != 0:
         problems.append(f"not root (euid {os.geteuid()})")
-    if isolation == "userns" and os.geteuid() == 0:
+    elif isolation == "root" and not any(first <= uid_base and uid_base + (1 << 22) <= first + count
+                                         for first, _, count in _uid_map()):
+        problems.append(f"the execution uids {uid_base}.. are not mapped in this user namespace (root of a "
+                        "container's user namespace, not of the host)")
+    if isolation == "userns" and os.geteuid() == 0 and _in_initial_user_namespace():
         problems.append("running as root: root mode applies (in a user namespace of root's, the programs would "
                         "still be root on the host's files, without capabilities)")
     for path in (ZYGOTE_SCRIPT, PACKAGES_DIR):
@@ -236,7 +255,7 @@ class Sandbox:
     def _problems_running_here(self) -> str:
         """Start in mode `self.isolation` and run the probe program; "" when it ran as it should, else why not
         (and the sandbox is closed again)."""
-        problems = _host_problems(self.isolation)
+        problems = _host_problems(self.isolation, self.uid_base)
         if problems:
             return "; ".join(problems)
         try:

@@ -248,7 +248,7 @@ def probe_paths() -> dict:
     checkouts = {os.path.dirname(HERE), os.path.dirname(os.path.dirname(os.path.abspath(reward.__file__)))}
     needles = sorted({*checkouts, sys.base_prefix, "/root", "/work", "/home"} - {"/usr", "/"})
     base_site = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_prefix})["purelib"]
-    site_dirs = sorted({base_site, *[d for d in site.getsitepackages() if d.startswith(sys.base_prefix)],
+    site_dirs = sorted({base_site, *site.getsitepackages([sys.base_prefix]),
                         "/python/lib/python%d.%d/site-packages" % sys.version_info[:2]})
     program = _PATHS_PROGRAM.replace("@NEEDLES@", repr(needles)).replace("@SITE_DIRS@", repr(site_dirs))
     facts = _facts(_run_raw(program))
