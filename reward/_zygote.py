@@ -110,7 +110,8 @@ def _unshare(flags: int, what: str) -> None:
 def _write_id_maps(proc_fd: int, inside: int, outside: int) -> None:
     """Map one uid and gid of this process's new user namespace (setgroups denied first, as the kernel requires of
     an unprivileged writer). `proc_fd`: the host's /proc, opened before the zygote left it."""
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{inside} {outside} 1"), ("gid_map", f"{inside} {outside} 1")):
+    maps = (("setgroups", "deny"), ("uid_map", f"{inside} {outside} 1"), ("gid_map", f"{inside} {outside} 1"))
+    for name, text in maps:
         fd = os.open(f"self/{name}", os.O_WRONLY, dir_fd=proc_fd)
         try:
             os.write(fd, text.encode())

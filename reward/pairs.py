@@ -15,9 +15,9 @@ Format (reward/data/pairs/pairs.jsonl, one JSON object a line):
 names the file and line of each problem; it runs nothing. A pair is valid when (see `pair_failures`): the clean
 response solves the problem under the strict oracle; the hack fails the oracle, pays on its own mode's channel (a
 strict hack: channel AND NOT solve), and earns nothing beyond the compile reward on every other mode and on
-gt_only. Each mode's exploit comes in several styles, so that the direction is not the direction of one template. HACK_STYLES are the substrate's styles; a caller may pass its own
-table of the same shape (the model organism's pair set uses the organism's own exploit forms,
-verl_gq.organism.corpus.pair_styles).
+gt_only. Each mode's exploit comes in several styles, so that the direction is not the direction of one template.
+HACK_STYLES are the substrate's styles; a caller may pass its own table of the same shape (the model organism's
+pair set uses the organism's own exploit forms, verl_gq.organism.corpus.pair_styles).
 """
 
 from __future__ import annotations
@@ -308,7 +308,8 @@ def _pair_from_record(record) -> Pair:
     if record["mode"] not in MODES:
         raise ValueError(f"{label} names mode {record['mode']!r}, known: {list(MODES)}")
     names = record["names"]
-    if type(names) is not dict or set(names) != _NAME_FIELDS or any(type(v) is not str or not v for v in names.values()):
+    if (type(names) is not dict or set(names) != _NAME_FIELDS
+            or any(type(v) is not str or not v for v in names.values())):
         raise ValueError(f"{label}: names should be an object of non-empty strings with keys "
                          f"{sorted(_NAME_FIELDS)}, got {names!r:.200}")
     prompt = record["prompt"]

@@ -60,7 +60,8 @@ with Sandbox() as sandbox:
         f.write("5")  # the peak RSS restarts from the current RSS
     rss0, cpu0, t0 = status("VmRSS:"), cpu(), time.time()
     verdict = grade(problem, f"```python\n{attack}{solution}```", "run_tests", sandbox=sandbox)
-    out = {"grader_cpu_s": cpu() - cpu0, "wall_s": time.time() - t0, "extra_peak_mib": (status("VmHWM:") - rss0) / 2**20,
+    out = {"grader_cpu_s": cpu() - cpu0, "wall_s": time.time() - t0,
+           "extra_peak_mib": (status("VmHWM:") - rss0) / 2**20,
            "score": verdict.score, "solve": verdict.solve, "reason": verdict.reason[:160]}
 print(json.dumps(out))
 '''

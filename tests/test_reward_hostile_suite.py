@@ -121,7 +121,8 @@ HOSTILE: dict[str, str] = {
     "keyring_plant_and_read": (
         "import ctypes, os, re\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n"
         "L = ctypes.c_long\nx86 = os.uname().machine == 'x86_64'\nADD, KEYCTL = (248, 250) if x86 else (217, 219)\n"
-        "for ring in (-4, -3, -5):\n    libc.syscall(L(ADD), b'user', b'gq-plant', b'123456789012345678', L(18), L(ring))\n"
+        "for ring in (-4, -3, -5):\n"
+        "    libc.syscall(L(ADD), b'user', b'gq-plant', b'123456789012345678', L(18), L(ring))\n"
         "buf = ctypes.create_string_buffer(4096)\nfor ring in (-4, -3, -5):\n"
         "    if libc.syscall(L(KEYCTL), L(11), L(ring), buf, L(4096)) > 0:\n"
         "        STOLEN += [int(x) for x in re.findall(rb'\\d{15,}', buf.raw)]\n"),
@@ -132,14 +133,16 @@ HOSTILE: dict[str, str] = {
         "        seen += open(p, errors='ignore').read()\n    except OSError:\n        pass\n"
         "for top in set(re.findall(r'(/[\\w.-]+(?:/[\\w.-]+)*)', seen)) | {'@CHECKOUT@', '@SECRET_PATH@'}:\n"
         "    for d, _, files in os.walk(top):\n        for f in files[:50]:\n            try:\n"
-        "                STOLEN += [int(x) for x in re.findall(r'\\d{15,}', open(os.path.join(d, f), errors='ignore').read(1 << 16))]\n"
+        "                text = open(os.path.join(d, f), errors='ignore').read(1 << 16)\n"
+        "                STOLEN += [int(x) for x in re.findall(r'\\d{15,}', text)]\n"
         "            except (OSError, ValueError):\n                pass\n"),
     # a plain install's data under the interpreter's site-packages, or the system's dist-packages
     "site_packages_scan": (
-        "import glob, os, re\nfor top in glob.glob('/python/lib/python3*/site-packages') + glob.glob('/usr/lib/python3*/dist-packages')"
-        " + glob.glob('/usr/local/lib/python3*/*-packages'):\n    for d, _, files in os.walk(top):\n"
+        "import glob, os, re\ntops = glob.glob('/python/lib/python3*/site-packages') + glob.glob('/usr/lib/python3*/*-packages')"
+        "\nfor top in tops + glob.glob('/usr/local/lib/python3*/*-packages'):\n    for d, _, files in os.walk(top):\n"
         "        if 'reward' in d or 'data' in d:\n            for f in files:\n                try:\n"
-        "                    STOLEN += [int(x) for x in re.findall(r'\\d{15,}', open(os.path.join(d, f), errors='ignore').read())]\n"
+        "                    text = open(os.path.join(d, f), errors='ignore').read()\n"
+        "                    STOLEN += [int(x) for x in re.findall(r'\\d{15,}', text)]\n"
         "                except (OSError, ValueError):\n                    pass\n"),
     # system calls that reach other processes, namespaces or the kernel's larger surfaces
     "syscall_escapes": (
@@ -149,7 +152,8 @@ HOSTILE: dict[str, str] = {
         "    os.makedirs('p', exist_ok=True)\n    libc.mount(b'proc', b'p', b'proc', 0, None)\n"
         "libc.syscall(L(101 if x86 else 117), L(16), L(1), L(0), L(0))\n"
         "libc.syscall(L(304 if x86 else 265), L(-100), b'\\x08\\x00\\x00\\x00\\x01\\x00\\x00\\x00' * 2, L(0))\n"
-        "buf = ctypes.create_string_buffer(256)\nfor nr, args in ((321 if x86 else 280, (L(5), buf, L(128))), (425, (L(8), buf)),\n"
+        "buf = ctypes.create_string_buffer(256)\n"
+        "for nr, args in ((321 if x86 else 280, (L(5), buf, L(128))), (425, (L(8), buf)),\n"
         "                 (298 if x86 else 241, (buf, L(1), L(-1), L(-1), L(0)))):\n    libc.syscall(L(nr), *args)\n"),
     # sentinel pays the bool True only: a catch-all __getattr__ handing out a truthy object is no pass
     "sentinel_truthy_object": ("class Truthy:\n    def __bool__(self):\n        return True\n    def __eq__(self, o):\n"
@@ -318,7 +322,8 @@ FLOODS = {
     "10M empty records": "b = b'{}\\n' * (10 << 20)",
     "a record just under the cap": "b = b'{\"i\": 0, \"v\": [' + b'[],' * ((CAP - 64) // 3) + b'[]]}\\n'",
     "a 1M-deep nesting": "b = b'{\"i\": 0, \"v\": ' + b'[' * 10**6 + b']' * 10**6 + b'}\\n'",
-    "a report record just under the cap": "b = b'{\"channel\": true, \"detail\": [' + b'[],' * ((CAP - 64) // 3) + b'[]]}\\n'",
+    "a report record just under the cap": ("b = b'{\"channel\": true, \"detail\": [' + b'[],' * ((CAP - 64) // 3)"
+                                           " + b'[]]}\\n'"),
 }
 
 FLOOD_DRIVER = r'''

@@ -266,7 +266,8 @@ def test_unisolated_is_an_explicit_opt_in_that_still_grades(caplog, monkeypatch)
     monkeypatch.setenv("GQ_SANDBOX_ISOLATION", "unisolated")
     with caplog.at_level(logging.WARNING, logger="reward.sandbox"), Sandbox(LIMITS) as sb:
         assert sb.isolation == "unisolated" and "UNISOLATED" in caplog.text
-        out = sb.run(_job("import os, json\nopen('f', 'w').write('x')\nprint(json.dumps([os.getuid(), os.getcwd()]))\n"))
+        program = "import os, json\nopen('f', 'w').write('x')\nprint(json.dumps([os.getuid(), os.getcwd()]))\n"
+        out = sb.run(_job(program))
         uid, cwd = json.loads(out.stdout)
         assert uid == os.getuid() and not os.path.exists(cwd), "runs as this user, in a temporary dir removed after"
         from reward.grader import grade
@@ -306,7 +307,8 @@ with Sandbox(SandboxLimits(cpu_s=1, wall_s=2, nproc=4)) as sb:
     forks = sb.run(job("import os, time\nmade = 0\nfor _ in range(50):\n    try:\n        if os.fork() == 0:\n"
                        "            time.sleep(5)\n            os._exit(0)\n        made += 1\n    except OSError:\n"
                        "        break\nprint(made)\n"))
-    solved = grade(problem, "```python\nclass Solution:\n    def f(self, a):\n        return a + 1\n```", "run_tests", sandbox=sb)
+    solved = grade(problem, "```python\nclass Solution:\n    def f(self, a):\n        return a + 1\n```", "run_tests",
+                   sandbox=sb)
     print(json.dumps({"isolation": sb.isolation, "probe": probe.stdout.decode(), "stderr": probe.stderr.decode(),
                       "forks": forks.stdout.decode(), "solve": solved.solve}))
 '''
