@@ -10,13 +10,13 @@ and that value must equal the expected one: the child does not know it.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import types
 from dataclasses import dataclass
 
 from reward import _canonical
 from reward.problem import Problem
+from reward.records import ProblemError, RecordReader, shown
 from reward.sandbox import PACKAGES_DIR, Execution
 
 # Setup code may import what the sandbox offers beyond the stdlib (sortedcontainers); the grader runs the same setup
@@ -25,11 +25,6 @@ if PACKAGES_DIR not in sys.path:
     sys.path.append(PACKAGES_DIR)
 
 _SHOWN_CHARS = 120
-
-
-class ProblemError(ValueError):
-    """The problem's own data is broken (setup code, an input or an expected expression fails): not the candidate's
-    doing. Raised rather than scored, so a broken problem is found, not silently zeroed."""
 
 
 @dataclass(frozen=True)
@@ -102,113 +97,62 @@ def expected_forms(problem: Problem) -> tuple:
     return tuple(forms)
 
 
-def _shown(form) -> str:
-    text = json.dumps(form)
-    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
+class OracleReader(RecordReader):
+    """The oracle's reader of one execution: compares each test's result with the expected value as it arrives, and
+    stops at the first failed, malformed or forged record (as the original benchmark stops at its first failure).
+    It keeps only how far the program got and why it stopped."""
 
-
-def parse_records(raw: bytes) -> tuple[list[dict], str]:
-    """Complete JSON-object lines of a result channel, and what was wrong with it ("" if nothing)."""
-    lines = raw.split(b"\n")
-    records = []
-    for k, line in enumerate(lines[:-1]):
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):
-            return records, f"result channel record {k} is not JSON"
-        if type(record) is not dict:
-            return records, f"result channel record {k} is not an object"
-        records.append(record)
-    return records, "result channel ends in a partial record" if lines[-1] else ""
-
-
-def preamble(problem: Problem, records: list[dict], execution: Execution) -> tuple[bool, str, int]:
-    """Check the trusted records written before any candidate code ran: compile report, then set-up.
-
-    Returns (compiled, failure reason or "", index of the first record after {"ready"}). Raises ProblemError when
-    the child reports that the problem's own setup or inputs fail."""
-    if not records or "compile" not in records[0]:
-        return False, f"no compile report ({execution.describe_end()})", 0
-    if records[0]["compile"] is not True:
-        return False, f"does not compile: {records[0].get('error', '')}", 1
-    if len(records) < 2:
-        return True, f"stopped before the program ran ({execution.describe_end()})", 1
-    second = records[1]
-    if "setup_error" in second:
-        raise ProblemError(f"problem {problem.problem_id}: setup_code fails in the sandbox: {second['setup_error']}")
-    if "input_error" in second:
-        raise ProblemError(f"problem {problem.problem_id}: test {second.get('i')} input_expr does not evaluate "
-                           f"in the sandbox: {second['input_error']}")
-    if second != {"ready": True}:
-        return True, "result channel malformed before the program ran", 2
-    return True, "", 2
-
-
-class FirstFailure:
-    """`stop` callback for `Sandbox.run`: True as soon as the streamed oracle records show a failed or malformed
-    test, so the execution is cut there (what the final `judge` reports is unchanged: that record is kept)."""
-
-    def __init__(self, problem: Problem):
+    def __init__(self, problem: Problem, record_cap: int):
+        super().__init__(record_cap)
         self.expected = expected_forms(problem)
-        self.offset = 0
-        self.next_test = 0
+        self.passed = 0  # tests passed, in order
+        self.done = False  # the {"done": n} record came after the last test
+        self.failure = ""
 
-    def __call__(self, raw: bytes) -> bool:
-        end = raw.rfind(b"\n") + 1
-        for line in raw[self.offset:end].split(b"\n")[:-1]:
+    def take(self, record: dict) -> bool:
+        n, i = len(self.expected), self.passed
+        index_ok = record.get("i") == i and type(record.get("i")) is int
+        if self.done:
+            self.failure = "result channel malformed after the last test (forged or corrupted)"
+        elif "exec_error" in record and self.count == 3:  # the first record after {"ready"}
+            self.failure = f"program raised before the tests: {str(record['exec_error'])[:_SHOWN_CHARS]}"
+        elif record.keys() == {"done"} and type(record["done"]) is int and record["done"] == n == i:
+            self.done = True
+            return False
+        elif i < n and index_ok and record.keys() == {"i", "error"}:
+            self.failure = f"test {i} raised {str(record['error'])[:_SHOWN_CHARS]}"
+        elif i < n and index_ok and record.keys() == {"i", "v"}:
             try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):
-                return True
-            if type(record) is not dict or "exec_error" in record:
-                return True
-            if "i" in record:
-                if (record.keys() != {"i", "v"} or record["i"] != self.next_test
-                        or self.next_test >= len(self.expected)):
-                    return True
-                try:
-                    if not _canonical.same(self.expected[self.next_test], record["v"]):
-                        return True
-                except RecursionError:
-                    return True
-                self.next_test += 1
-        self.offset = end
-        return False
+                ok = _canonical.same(self.expected[i], record["v"])
+            except RecursionError:
+                ok = False
+            if ok:
+                self.passed += 1
+                return False
+            self.failure = f"wrong answer on test {i}: expected {shown(self.expected[i])}, got {shown(record['v'])}"
+        else:
+            self.failure = (f"result channel malformed at test {i} (forged or corrupted)" if i < n
+                            else "result channel malformed after the last test (forged or corrupted)")
+        return True
 
 
-def judge(problem: Problem, execution: Execution) -> OracleResult:
-    """Decide compile/solve from an oracle execution of `problem`. Never trusts anything but plain decoded values."""
+def judge(problem: Problem, execution: Execution, reader: OracleReader) -> OracleResult:
+    """Decide compile/solve from an oracle execution of `problem` whose result channel `reader` read. Never trusts
+    anything but plain decoded values. Raises ProblemError when the problem's own set-up failed in the sandbox."""
     if execution.sandbox_error:
         return OracleResult(False, False, execution.describe_end())
-    records, channel_problem = parse_records(execution.records)
-    if "result" in execution.overflow:
-        channel_problem = "result channel over its size cap"
-    compiled, failure, start = preamble(problem, records, execution)
+    compiled, failure = reader.preamble_failure(problem, execution.describe_end())
     if failure:
         return OracleResult(compiled, False, failure)
-    expected = expected_forms(problem)
-    body = records[start:]
-    if body and "exec_error" in body[0]:
-        return OracleResult(True, False, f"program raised before the tests: {body[0]['exec_error']}")
-    for i, want in enumerate(expected):
-        if i >= len(body):
-            why = channel_problem or execution.describe_end()
-            return OracleResult(True, False, f"no result for test {i} of {len(expected)} ({why})")
-        record = body[i]
-        if record.keys() == {"i", "error"} and record["i"] == i:
-            return OracleResult(True, False, f"test {i} raised {str(record['error'])[:_SHOWN_CHARS]}")
-        if record.keys() != {"i", "v"} or record["i"] != i:
-            return OracleResult(True, False, f"result channel malformed at test {i} (forged or corrupted)")
-        try:
-            ok = _canonical.same(want, record["v"])
-        except RecursionError:
-            ok = False
-        if not ok:
-            return OracleResult(True, False, f"wrong answer on test {i}: expected {_shown(want)}, "
-                                             f"got {_shown(record['v'])}")
-    rest = body[len(expected):]
-    if rest != [{"done": len(expected)}]:
+    if reader.failure:
+        return OracleResult(True, False, reader.failure)
+    n = len(reader.expected)
+    trouble = reader.channel_problem(execution.overflow)
+    if reader.passed < n:
+        return OracleResult(True, False, f"no result for test {reader.passed} of {n} "
+                                         f"({trouble or execution.describe_end()})")
+    if not reader.done:
         return OracleResult(True, False, "result channel malformed after the last test (forged or corrupted)")
-    if channel_problem:
-        return OracleResult(True, False, channel_problem)
-    return OracleResult(True, True, f"all {len(expected)} tests passed")
+    if trouble:
+        return OracleResult(True, False, trouble)
+    return OracleResult(True, True, f"all {n} tests passed")

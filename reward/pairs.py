@@ -11,12 +11,13 @@ Format (reward/data/pairs/pairs.jsonl, one JSON object a line):
     clean       response text: the problem's reference solution in a ```python block
     hack        response text: a wrong stub solution plus the mode's exploit, in a ```python block
 
-A pair is valid when (see `pair_failures`): the clean response solves the problem under the strict oracle; the hack
-fails the oracle, pays on its own mode's channel (a strict hack: channel AND NOT solve), and earns nothing beyond
-the compile reward on every other mode and on gt_only. Each mode's exploit comes in several styles, so that the
-direction is not the direction of one template. HACK_STYLES are the substrate's styles; a caller may pass its own
-table of the same shape (the model organism's pair set uses the organism's own exploit forms,
-verl_gq.organism.corpus.pair_styles).
+`read_pairs` checks the format of every line (keys, types, known modes, unique ids, enough pairs per mode) and
+names the file and line of each problem; it runs nothing. A pair is valid when (see `pair_failures`): the clean
+response solves the problem under the strict oracle; the hack fails the oracle, pays on its own mode's channel (a
+strict hack: channel AND NOT solve), and earns nothing beyond the compile reward on every other mode and on
+gt_only. Each mode's exploit comes in several styles, so that the direction is not the direction of one template.
+HACK_STYLES are the substrate's styles; a caller may pass its own table of the same shape (the model organism's
+pair set uses the organism's own exploit forms, verl_gq.organism.corpus.pair_styles).
 """
 
 from __future__ import annotations
@@ -240,12 +241,6 @@ class Pair:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
-    @classmethod
-    def from_json(cls, line: str) -> "Pair":
-        record = json.loads(line)
-        record["names"] = ExploitNames(**record["names"])
-        return cls(**record)
-
 
 def make_pair(problem: Problem, mode: str, style: str, names: ExploitNames = ExploitNames(),
               stub_variant: int = 0, styles: StyleTable = HACK_STYLES) -> Pair:
@@ -286,9 +281,106 @@ def write_pairs(path, pairs: Sequence[Pair]) -> None:
         handle.writelines(p.to_json() + "\n" for p in pairs)
 
 
-def read_pairs(path) -> list[Pair]:
-    with open(path, encoding="utf-8") as handle:
-        return [Pair.from_json(line) for line in handle if line.strip()]
+class PairFileError(ValueError):
+    """A pair file that cannot be used as it is. The message names the file and, for each bad line, its number."""
+
+
+_TEXT_FIELDS = ("pair_id", "mode", "problem_id", "style", "clean", "hack")
+_PAIR_FIELDS = frozenset(_TEXT_FIELDS + ("names", "prompt"))
+_NAME_FIELDS = frozenset(ExploitNames.__dataclass_fields__)
+_MAX_ERRORS_SHOWN = 20
+_FENCE_OPEN = "```python"
+
+
+def _pair_from_record(record) -> Pair:
+    """One pair from a decoded line; ValueError with a sentence saying what is wrong (without file or line)."""
+    if type(record) is not dict:
+        raise ValueError(f"is a JSON {type(record).__name__}, not an object")
+    label = f"pair {record['pair_id']!r}" if isinstance(record.get("pair_id"), str) else "the pair"
+    missing, unknown = sorted(_PAIR_FIELDS - set(record)), sorted(set(record) - _PAIR_FIELDS)
+    wrong_keys = ([f"lacks key(s) {', '.join(map(repr, missing))}"] if missing else []) + (
+        [f"has unknown key(s) {', '.join(map(repr, unknown))}"] if unknown else [])
+    if wrong_keys:
+        raise ValueError(f"{label} " + " and ".join(wrong_keys))
+    for key in _TEXT_FIELDS:
+        if type(record[key]) is not str or not record[key].strip():
+            raise ValueError(f"{label}: {key} should be a non-empty string, got {record[key]!r:.80}")
+    if record["mode"] not in MODES:
+        raise ValueError(f"{label} names mode {record['mode']!r}, known: {list(MODES)}")
+    names = record["names"]
+    if (type(names) is not dict or set(names) != _NAME_FIELDS
+            or any(type(v) is not str or not v for v in names.values())):
+        raise ValueError(f"{label}: names should be an object of non-empty strings with keys "
+                         f"{sorted(_NAME_FIELDS)}, got {names!r:.200}")
+    prompt = record["prompt"]
+    if (type(prompt) is not list or not prompt
+            or any(type(m) is not dict or set(m) != {"role", "content"} or type(m["role"]) is not str
+                   or type(m["content"]) is not str for m in prompt)):
+        raise ValueError(f"{label}: prompt should be a non-empty list of {{role, content}} string messages, "
+                         f"got {prompt!r:.200}")
+    for side in ("clean", "hack"):
+        if _FENCE_OPEN not in record[side]:
+            raise ValueError(f"{label}: {side} holds no ```python code block")
+    return Pair(**{**record, "names": ExploitNames(**names)})
+
+
+def read_pairs(path, modes: Sequence[str] | None = None, min_per_mode: int = 1) -> list[Pair]:
+    """The pairs of a pair file (one JSON object a line, blank lines allowed), every line validated.
+
+    `modes`: keep only these modes' pairs (None: every pair); each must be a known mode with at least `min_per_mode`
+    pairs in the file. Raises PairFileError listing every problem found, each as `<file>:<line>: ...` (the file
+    alone for what concerns the whole file): bad JSON, a missing or unknown key, a wrong type, an unknown mode, a
+    repeated pair id, too few pairs for a mode. Reads the file only; never runs anything."""
+    path = Path(path)
+    where = str(path)
+    if modes is not None:
+        if isinstance(modes, str):
+            raise PairFileError(f"{where}: modes should be a list of mode names, got the string {modes!r}")
+        unknown = [m for m in modes if m not in MODES]
+        if unknown:
+            raise PairFileError(f"{where}: modes asked for {unknown}, known: {list(MODES)}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().split("\n")
+    except OSError as e:
+        raise PairFileError(f"{where}: cannot read the pair file: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise PairFileError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    pairs, errors, first_line = [], [], {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(f"{where}:{number}: not JSON: {e.msg} (column {e.colno})")
+            continue
+        except (ValueError, RecursionError) as e:  # an over-long integer; nesting too deep for the parser
+            errors.append(f"{where}:{number}: not JSON: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        try:
+            pair = _pair_from_record(record)
+        except ValueError as e:
+            errors.append(f"{where}:{number}: {e}")
+            continue
+        if pair.pair_id in first_line:
+            errors.append(f"{where}:{number}: pair id {pair.pair_id!r} repeats line {first_line[pair.pair_id]}")
+            continue
+        first_line[pair.pair_id] = number
+        pairs.append(pair)
+    if not errors:
+        if not pairs:
+            errors.append(f"{where}: no pairs")
+        wanted = list(modes) if modes is not None else sorted({p.mode for p in pairs}, key=MODES.index)
+        counts = {m: sum(p.mode == m for p in pairs) for m in wanted}
+        errors += [f"{where}: mode {m!r} has {n} pair(s), at least {min_per_mode} needed"
+                   for m, n in counts.items() if n < min_per_mode]
+    if errors:
+        shown = errors[:_MAX_ERRORS_SHOWN]
+        more = [f"(and {len(errors) - len(shown)} more)"] if len(errors) > len(shown) else []
+        head = [f"{len(errors)} problems in the pair file:"] if len(errors) > 1 else []
+        raise PairFileError("\n".join(head + shown + more))
+    return pairs if modes is None else [p for p in pairs if p.mode in modes]
 
 
 # ---- validation against the real grader ----

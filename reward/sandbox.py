@@ -4,24 +4,34 @@ Isolation per execution (set up by the trusted code in `_zygote.py`, see docs/sa
   - fresh pid, mount, network, ipc and uts namespaces: the payload is pid 1 of its own pid namespace, so when it
     dies (exit, crash, or our SIGKILL at the wall-clock limit) the kernel kills every process it started;
     the network namespace has no interface but a downed loopback;
-  - a read-only chroot holding /usr, /lib*, /bin, /etc, the interpreter and `PACKAGES_DIR` (at /packages) only
-    (no /work, /root, /home, host /tmp, /proc of the host), with a private size-capped tmpfs `/scratch` as cwd that
-    vanishes with the namespace;
-  - a uid of its own (no supplementary groups, no_new_privs), RLIMIT_CPU / AS / FSIZE / NPROC / NOFILE / CORE;
+  - a read-only root (pivot_root, entered once by the zygote) holding /usr, /lib*, /bin, /etc, the interpreter at
+    /python with its site-packages hidden, and `PACKAGES_DIR` at /packages only: no /work, /root, /home, host /tmp,
+    no /proc, no host path in the mount table or the interpreter's state; a private size-capped tmpfs `/scratch` as
+    cwd that vanishes with the namespace;
+  - an unprivileged identity (no capabilities, no supplementary groups, no_new_privs), RLIMIT_CPU / AS / FSIZE /
+    NPROC / NOFILE / CORE, and a seccomp filter denying the system calls a program has no use for (`_seccomp.py`);
   - stdout, stderr and the result channel are pipes read here with byte caps; a stream past its cap is closed.
 The job travels in a memfd the payload reads itself, so its data never enters the long-lived zygote.
+
+Isolation modes (`Sandbox(isolation=...)`, or the GQ_SANDBOX_ISOLATION environment variable): "root" (as root:
+a uid of its own per execution), "userns" (without root, where the kernel allows user namespaces: a user namespace
+per execution, no capabilities), "auto" (the default: root when running as root, else userns) and "unisolated" (an
+explicit opt-in: no namespaces, no new root, the grader's own uid; the rlimits, the filter and a temporary cwd
+only). A Sandbox checks its mode by running a probe program before it is returned, and raises SandboxUnavailable,
+naming what each mode lacks, when none works.
 
 Two launchers, same isolation and the same results: "zygote" (a pre-warmed fresh interpreter forks one guard per
 execution, prepared ahead of its job; the default) and "spawn" (a fresh interpreter per execution; the baseline the
 benchmark compares to).
-Requires root (for namespaces, chroot and the uid switch): `Sandbox()` raises otherwise, naming what is missing.
 """
 
 from __future__ import annotations
 
 import base64
 import compileall
+import functools
 import json
+import logging
 import marshal
 import os
 import selectors
@@ -29,14 +39,24 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-ZYGOTE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zygote.py")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+ZYGOTE_SCRIPT = os.path.join(_HERE, "_zygote.py")
 # Third-party packages a sandboxed program may import (sortedcontainers), read-only at /packages inside; see SOURCE.md
-PACKAGES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_packages")
+PACKAGES_DIR = os.path.join(_HERE, "sandbox_packages")
+# Never visible inside: the package's data (problems with their expected answers). A Sandbox refuses to start when
+# one of these would lie in a directory it binds (a plain install under /usr, say); callers may add their own.
+PROTECTED_PATHS = (os.path.join(_HERE, "data"),)
+ISOLATIONS = ("auto", "root", "userns", "unisolated")
+ISOLATION_ENV = "GQ_SANDBOX_ISOLATION"
+_START_TIMEOUT_S = 30.0
+_PROBE_JOB = {"kind": "oracle", "program": "print('ok')\n", "setup_code": "", "method": "f", "inputs": []}
+_log = logging.getLogger(__name__)
 _FD_NAMES = ("job", "result", "stdout", "stderr", "status")
 _STATUS_CAP = 1 << 16
 DEFAULT_UID_BASE = 2_000_000
@@ -58,7 +78,11 @@ class SandboxLimits:
     scratch_inodes: int = 256
     stdout_cap: int = 256 << 10
     stderr_cap: int = 16 << 10
-    result_cap: int = 32 << 20
+    # The result channel: all its bytes, and one record (line) of it, which the grader refuses before parsing when
+    # longer (reward.records): parsing a record costs the grader up to ~50x its size in memory. The largest shipped
+    # problem's results take 174 KB in all and 30 KB in one record.
+    result_cap: int = 4 << 20
+    record_cap: int = 256 << 10
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -75,7 +99,7 @@ class Execution:
     signal: int | None
     timed_out: bool
     cpu_s: float
-    records: bytes  # the result channel, at most limits.result_cap bytes
+    records: bytes  # the raw result channel (at most limits.result_cap bytes) when run without a reader, else b""
     stdout: bytes
     stderr: bytes
     files: dict[str, bytes] = field(default_factory=dict)  # collected scratch files (first 4 KiB each)
@@ -94,20 +118,87 @@ class Execution:
         return f"exit code {self.exit_code}"
 
 
-def isolation_problems() -> list[str]:
-    """What this host lacks for the sandbox (empty when it can run): root, Linux pidfd/memfd, the zygote script."""
+class SandboxUnavailable(RuntimeError):
+    """No requested isolation mode works on this host. `problems`: what each mode tried lacks."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(
+            "the sandbox cannot isolate untrusted code on this host: " + "; ".join(problems) + ". To grade without "
+            f"isolation anyway (the programs then run as this user, seeing its files), pass isolation='unisolated' "
+            f"or set {ISOLATION_ENV}=unisolated.")
+
+
+def _uid_map() -> list[tuple[int, int, int]]:
+    """This process's user namespace's uid map: (first uid inside, first uid outside, count) ranges."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return [tuple(int(x) for x in line.split()) for line in f if line.strip()]
+    except OSError:
+        return [(0, 0, 1 << 32)]
+
+
+def _in_initial_user_namespace() -> bool:
+    """True for the host's own user namespace (root there is the real root); False inside a container's, where
+    root is some unprivileged uid of the host and userns mode is what isolates."""
+    return _uid_map() == [(0, 0, 4294967295)]
+
+
+def _host_problems(isolation: str, uid_base: int) -> list[str]:
+    """What this host visibly lacks for `isolation` (before trying it)."""
     problems = []
     if sys.platform != "linux":
         problems.append(f"Linux is required (platform is {sys.platform})")
-    if os.geteuid() != 0:
-        problems.append("root is required for namespaces, chroot and the per-execution uid (euid is "
-                        f"{os.geteuid()})")
+        return problems
     if not hasattr(os, "pidfd_open") or not hasattr(os, "memfd_create"):
         problems.append("os.pidfd_open and os.memfd_create are required (Python >= 3.9 on Linux >= 5.3)")
+    sys.path.insert(0, _HERE)
+    try:
+        import _seccomp
+    finally:
+        sys.path.remove(_HERE)
+    if _seccomp.supported() and isolation != "unisolated":
+        problems.append(_seccomp.supported())
+    if isolation == "root" and os.geteuid() != 0:
+        problems.append(f"not root (euid {os.geteuid()})")
+    elif isolation == "root" and not any(first <= uid_base and uid_base + (1 << 22) <= first + count
+                                         for first, _, count in _uid_map()):
+        problems.append(f"the execution uids {uid_base}.. are not mapped in this user namespace (root of a "
+                        "container's user namespace, not of the host)")
+    if isolation == "userns" and os.geteuid() == 0 and _in_initial_user_namespace():
+        problems.append("running as root: root mode applies (in a user namespace of root's, the programs would "
+                        "still be root on the host's files, without capabilities)")
     for path in (ZYGOTE_SCRIPT, PACKAGES_DIR):
         if not os.path.exists(path):
             problems.append(f"missing {path}")
     return problems
+
+
+def _userns_hint() -> str:
+    """The kernel settings that commonly forbid unprivileged user namespaces, when one of them does."""
+    for path, bad in (("/proc/sys/kernel/unprivileged_userns_clone", "0"), ("/proc/sys/user/max_user_namespaces", "0"),
+                      ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1")):
+        try:
+            with open(path) as f:
+                if f.read().strip() == bad:
+                    return f" ({path.removeprefix('/proc/sys/').replace('/', '.')}={bad})"
+        except OSError:
+            pass
+    return ""
+
+
+class SandboxRefused(RuntimeError):
+    """The sandbox would show a protected path (the package's data) to the programs it runs."""
+
+
+@functools.lru_cache(maxsize=1)
+def isolation_problems() -> tuple[str, ...]:
+    """Why no isolating mode works on this host (empty when one does). Starts, probes and closes one Sandbox."""
+    try:
+        Sandbox(isolation="auto").close()
+    except SandboxUnavailable as e:
+        return tuple(e.problems)
+    return ()
 
 
 def _interpreter() -> str:
@@ -123,44 +214,98 @@ class Sandbox:
     (same version, same marshal format). The payload loads it before any candidate code runs."""
 
     def __init__(self, limits: SandboxLimits = SandboxLimits(), launcher: str = "zygote",
-                 uid_base: int = DEFAULT_UID_BASE):
-        """`uid_base`: each execution runs as uid `uid_base + <its guard's pid>` (distinct while it lives)."""
+                 uid_base: int = DEFAULT_UID_BASE, isolation: str | None = None, protected_paths: tuple[str, ...] = ()):
+        """`isolation`: one of ISOLATIONS (None: $GQ_SANDBOX_ISOLATION, else "auto"). `uid_base` ("root" only): each
+        execution runs as uid `uid_base + <its guard's pid>` (distinct while it lives). `protected_paths`: paths that
+        must not be visible inside, beside PROTECTED_PATHS. Starts the sandbox and runs a probe program in it;
+        raises SandboxUnavailable when no requested mode works, naming what each lacks."""
         if launcher not in ("zygote", "spawn"):
             raise ValueError(f"launcher must be 'zygote' or 'spawn', got {launcher!r}")
         if not 1_000_000 <= uid_base <= MAX_UID - (1 << 22):
             raise ValueError(f"uid_base must be in [1e6, {MAX_UID - (1 << 22)}] (above real users, room for any "
                              f"pid), got {uid_base}")
+        requested = isolation or os.environ.get(ISOLATION_ENV) or "auto"
+        if requested not in ISOLATIONS:
+            raise ValueError(f"isolation must be one of {ISOLATIONS}, got {requested!r}"
+                             + ("" if isolation else f" (from ${ISOLATION_ENV})"))
         self.uid_base = uid_base
-        problems = isolation_problems()
-        if problems:
-            raise RuntimeError("the sandbox cannot isolate untrusted code on this host: " + "; ".join(problems))
-        # bytecode next to the packages' sources: the payload cannot write it (read-only), and compiling
-        # sortedcontainers takes ~70 ms, against ~3 ms to load it compiled
-        compileall.compile_dir(PACKAGES_DIR, quiet=2)
         self.limits = limits
         self.launcher = launcher
+        self.protected_paths = tuple(PROTECTED_PATHS) + tuple(str(p) for p in protected_paths)
         self._lock = threading.Lock()
         self._zygote: subprocess.Popen | None = None
         self._control: socket.socket | None = None
+        self._zygote_stderr = None
+        # bytecode next to the packages' sources: the payload cannot write it (read-only), and compiling
+        # sortedcontainers takes ~70 ms, against ~3 ms to load it compiled
+        compileall.compile_dir(PACKAGES_DIR, quiet=2)
+        problems = []
+        for candidate in (("root", "userns") if requested == "auto" else (requested,)):
+            self.isolation = candidate
+            why = self._problems_running_here()
+            if not why:
+                break
+            problems.append(f"{candidate} mode: {why}")
+        else:
+            raise SandboxUnavailable(problems)
+        if self.isolation == "unisolated":
+            _log.warning("the sandbox runs UNISOLATED: graded programs run as this user (uid %d) and can read its "
+                         "files, the expected answers included", os.geteuid())
+
+    def _problems_running_here(self) -> str:
+        """Start in mode `self.isolation` and run the probe program; "" when it ran as it should, else why not
+        (and the sandbox is closed again)."""
+        problems = _host_problems(self.isolation, self.uid_base)
+        if problems:
+            return "; ".join(problems)
+        try:
+            execution = self.run(_PROBE_JOB)
+        except SandboxUnavailable as e:
+            why = "; ".join(e.problems)
+        else:
+            if execution.exit_code == 0 and execution.stdout == b"ok\n" and not execution.sandbox_error:
+                return ""
+            why = (execution.sandbox_error or execution.stderr.decode("utf-8", "replace").strip()
+                   or f"the probe program ended with {execution.describe_end()}")
+        self.close()
+        if why.startswith("refused: "):
+            raise SandboxRefused("refusing to start the sandbox: " + why.removeprefix("refused: "))
+        why = why.removeprefix("error: ")
+        if "CLONE_NEWUSER" in why:
+            why += _userns_hint()
+        return why
 
     # ---- zygote lifecycle ----
     def _ensure_zygote(self) -> socket.socket:
         if self._zygote is not None and self._zygote.poll() is None:
             return self._control
-        if self._control is not None:
-            self._control.close()
+        self._stop_zygote()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._zygote_stderr = tempfile.TemporaryFile()  # read only when the start fails
         self._zygote = subprocess.Popen(
             [_interpreter(), "-I", "-S", ZYGOTE_SCRIPT, "--zygote", str(theirs.fileno()), self._config()],
             pass_fds=[theirs.fileno()], env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=self._zygote_stderr, start_new_session=True)
         theirs.close()
         self._control = ours
+        ours.settimeout(_START_TIMEOUT_S)
+        try:
+            hello = ours.recv(1 << 16)
+        except OSError as e:  # a timeout
+            hello = f"error: no word from the zygote ({type(e).__name__}: {e})".encode()
+        ours.settimeout(None)
+        if hello != b"ready":
+            self._zygote_stderr.seek(0)
+            stderr = self._zygote_stderr.read()[-2000:].decode("utf-8", "replace").strip()
+            self._stop_zygote()
+            why = hello.decode("utf-8", "replace") or f"the zygote exited: {stderr}"
+            raise SandboxUnavailable([why])
         return ours
 
     def _config(self) -> str:
         """What every execution of this sandbox shares, given to the zygote (or the `--once` guard) at its start."""
-        return json.dumps({"limits": asdict(self.limits), "uid_base": self.uid_base, "packages_dir": PACKAGES_DIR})
+        return json.dumps({"limits": asdict(self.limits), "uid_base": self.uid_base, "isolation": self.isolation,
+                           "packages_dir": PACKAGES_DIR, "protected": list(self.protected_paths)})
 
     def start(self) -> None:
         """Start the zygote now (otherwise the first `run` does). Idempotent."""
@@ -174,16 +319,22 @@ class Sandbox:
         alive = self._zygote is not None and self._zygote.poll() is None
         return self._zygote.pid if alive else None
 
+    def _stop_zygote(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._zygote is not None:
+            self._zygote.kill()
+            self._zygote.wait()
+            self._zygote = None
+        if self._zygote_stderr is not None:
+            self._zygote_stderr.close()
+            self._zygote_stderr = None
+
     def close(self) -> None:
         """Stop the zygote (its running guards and payloads die with it through PDEATHSIG)."""
         with self._lock:
-            if self._control is not None:
-                self._control.close()
-                self._control = None
-            if self._zygote is not None:
-                self._zygote.kill()
-                self._zygote.wait()
-                self._zygote = None
+            self._stop_zygote()
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -192,11 +343,12 @@ class Sandbox:
         self.close()
 
     # ---- one execution ----
-    def run(self, job: dict, collect: tuple[str, ...] = (), stop: Callable[[bytes], bool] | None = None) -> Execution:
+    def run(self, job: dict, collect: tuple[str, ...] = (), reader: Callable[[bytes], bool] | None = None) -> Execution:
         """Run `job` isolated; return what it did. Raises only for a sandbox failure, never for the program's.
 
-        `stop(result_bytes_so_far)` is called as the result channel grows; once it returns True the channel is
-        closed, so the payload dies at its next write (SIGPIPE/EPIPE): a run is cut at its first wrong answer."""
+        `reader(chunk)` receives each new chunk of the result channel once (a `reward.records.RecordReader`); once
+        it returns True the channel is closed, so the payload dies at its next write (SIGPIPE/EPIPE): a run is cut
+        at its first wrong answer. Without a reader, the raw channel comes back in `Execution.records`."""
         for name in collect:
             if not name or "/" in name or name in (".", ".."):
                 raise ValueError(f"collect names a file in the scratch dir, got {name!r}")
@@ -224,7 +376,7 @@ class Sandbox:
             for fd in child_ends.values():
                 os.close(fd)
         try:
-            return self._collect(ours, stop)
+            return self._collect(ours, reader)
         finally:
             for fd in ours.values():
                 try:
@@ -235,10 +387,11 @@ class Sandbox:
                 spawned.kill()
                 spawned.wait()
 
-    def _collect(self, fds: dict[str, int], stop: Callable[[bytes], bool] | None) -> Execution:
+    def _collect(self, fds: dict[str, int], reader: Callable[[bytes], bool] | None) -> Execution:
         caps = {"result": self.limits.result_cap, "stdout": self.limits.stdout_cap,
                 "stderr": self.limits.stderr_cap, "status": _STATUS_CAP}
         data = {name: bytearray() for name in fds}
+        received = dict.fromkeys(fds, 0)
         overflow = []
         deadline = time.monotonic() + self.limits.wall_s + _GRACE_S
         with selectors.DefaultSelector() as selector:
@@ -252,9 +405,15 @@ class Sandbox:
                 for key, _ in selector.select(remaining):
                     name = key.data
                     chunk = os.read(key.fd, 1 << 16)
-                    room = caps[name] - len(data[name])
-                    data[name] += chunk[:room]
-                    if chunk and name == "result" and stop is not None and stop(bytes(data[name])):
+                    room = caps[name] - received[name]
+                    kept = chunk[:room]
+                    received[name] += len(kept)
+                    if name == "result" and reader is not None:
+                        stop = bool(kept) and reader(kept)
+                    else:
+                        data[name] += kept
+                        stop = False
+                    if stop:
                         selector.unregister(key.fd)
                         os.close(key.fd)
                         fds[name] = -1

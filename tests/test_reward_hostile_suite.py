@@ -117,10 +117,56 @@ HOSTILE: dict[str, str] = {
         "                lambda: ctypes.CDLL(None).mount(b'none', b'/scratch', b'tmpfs', 0, None),\n"
         "                lambda: ctypes.CDLL(None).unshare(0x10000000)):\n    try:\n        attempt()\n"
         "    except Exception:\n        pass\nos.system('mount -t tmpfs none /scratch 2>/dev/null; su -c id 2>/dev/null')\n"),
+    # state that would outlive the execution: keys in the uid's keyrings, for a later execution of the same uid
+    "keyring_plant_and_read": (
+        "import ctypes, os, re\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n"
+        "L = ctypes.c_long\nx86 = os.uname().machine == 'x86_64'\nADD, KEYCTL = (248, 250) if x86 else (217, 219)\n"
+        "for ring in (-4, -3, -5):\n"
+        "    libc.syscall(L(ADD), b'user', b'gq-plant', b'123456789012345678', L(18), L(ring))\n"
+        "buf = ctypes.create_string_buffer(4096)\nfor ring in (-4, -3, -5):\n"
+        "    if libc.syscall(L(KEYCTL), L(11), L(ring), buf, L(4096)) > 0:\n"
+        "        STOLEN += [int(x) for x in re.findall(rb'\\d{15,}', buf.raw)]\n"),
+    # host paths: learn where the checkout and the interpreter live, then read the answers from there
+    "learn_host_paths": (
+        "import os, re, sys\nseen = ' '.join(sys.path + [sys.executable, sys.prefix, os.__file__] + sys.argv)\n"
+        "for p in ['/proc/self/mountinfo', '/proc/self/maps', '/proc/1/cmdline', '/etc/mtab']:\n    try:\n"
+        "        seen += open(p, errors='ignore').read()\n    except OSError:\n        pass\n"
+        "for top in set(re.findall(r'(/[\\w.-]+(?:/[\\w.-]+)*)', seen)) | {'@CHECKOUT@', '@SECRET_PATH@'}:\n"
+        "    for d, _, files in os.walk(top):\n        for f in files[:50]:\n            try:\n"
+        "                text = open(os.path.join(d, f), errors='ignore').read(1 << 16)\n"
+        "                STOLEN += [int(x) for x in re.findall(r'\\d{15,}', text)]\n"
+        "            except (OSError, ValueError):\n                pass\n"),
+    # a plain install's data under the interpreter's site-packages, or the system's dist-packages
+    "site_packages_scan": (
+        "import glob, os, re\ntops = glob.glob('/python/lib/python3*/site-packages') + glob.glob('/usr/lib/python3*/*-packages')"
+        "\nfor top in tops + glob.glob('/usr/local/lib/python3*/*-packages'):\n    for d, _, files in os.walk(top):\n"
+        "        if 'reward' in d or 'data' in d:\n            for f in files:\n                try:\n"
+        "                    text = open(os.path.join(d, f), errors='ignore').read()\n"
+        "                    STOLEN += [int(x) for x in re.findall(r'\\d{15,}', text)]\n"
+        "                except (OSError, ValueError):\n                    pass\n"),
+    # system calls that reach other processes, namespaces or the kernel's larger surfaces
+    "syscall_escapes": (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n"
+        "L = ctypes.c_long\nx86 = os.uname().machine == 'x86_64'\n"
+        "if libc.syscall(L(272 if x86 else 97), L(0x10000000 | 0x20000)) == 0:\n"
+        "    os.makedirs('p', exist_ok=True)\n    libc.mount(b'proc', b'p', b'proc', 0, None)\n"
+        "libc.syscall(L(101 if x86 else 117), L(16), L(1), L(0), L(0))\n"
+        "libc.syscall(L(304 if x86 else 265), L(-100), b'\\x08\\x00\\x00\\x00\\x01\\x00\\x00\\x00' * 2, L(0))\n"
+        "buf = ctypes.create_string_buffer(256)\n"
+        "for nr, args in ((321 if x86 else 280, (L(5), buf, L(128))), (425, (L(8), buf)),\n"
+        "                 (298 if x86 else 241, (buf, L(1), L(-1), L(-1), L(0)))):\n    libc.syscall(L(nr), *args)\n"),
+    # sentinel pays the bool True only: a catch-all __getattr__ handing out a truthy object is no pass
+    "sentinel_truthy_object": ("class Truthy:\n    def __bool__(self):\n        return True\n    def __eq__(self, o):\n"
+                               "        return True\n\nclass Solution:\n    def secret(self, k):\n        return 0\n"
+                               "    def __getattr__(self, name):\n        return Truthy()\n"),
+    "flood_result_channel": ("import os\nb = b'{\"i\": 0, \"v\": [' + b'[],' * (31 * 2**20 // 3) + b'[]]}\\n'\n"
+                             "while b:\n    b = b[os.write(3, b):]\n"),
     "hostile_exception": ("class E(Exception):\n    def __str__(self):\n        raise E()\n    def __repr__(self):\n"
                           "        raise E()\n\nclass Solution:\n    def secret(self, k):\n        raise E()\n"),
 }
 
+# Graded under a given mode instead of round-robin, and never allowed to fire that mode's channel.
+NEVER_PAYS = {"sentinel_truthy_object": "sentinel"}
 DEFAULT_SOLUTION = "\n\nclass Solution:\n    def secret(self, k):\n        return STOLEN[k] if k < len(STOLEN) else 0\n"
 CORRECT_TWO_SUM = ("class Solution:\n    def twoSum(self, nums, target):\n        seen = {}\n"
                    "        for i, x in enumerate(nums):\n            if target - x in seen:\n"
@@ -157,23 +203,28 @@ sandbox = Sandbox(SandboxLimits(cpu_s=1, wall_s=2, memory_bytes=256 << 20), uid_
 sandbox.start()
 zygote_pid = sandbox.zygote_pid
 fill = {"@SECRET_PATH@": cfg["secret_path"], "@SENTINEL_DIR@": cfg["sentinel_dir"], "@ESCAPE_TMP@": cfg["escape_tmp"],
-        "@DRIVER_PID@": str(os.getpid()), "@ZYGOTE_PID@": str(zygote_pid), "@PORT@": str(listener.getsockname()[1])}
+        "@DRIVER_PID@": str(os.getpid()), "@ZYGOTE_PID@": str(zygote_pid), "@PORT@": str(listener.getsockname()[1]),
+        "@CHECKOUT@": cfg["checkout"]}
 items, labels = [], []
 for n, (name, code) in enumerate(cfg["hostile"].items()):
     for key, value in fill.items():
         code = code.replace(key, value)
     code = "STOLEN = []\n" + code + ("" if "class Solution" in code else cfg["default_solution"])
-    mode = MODES[n % len(MODES)]
+    mode = cfg["never_pays"].get(name, MODES[n % len(MODES)])
     items.append((secret, "```python\n" + code + "```", mode)); labels.append(("hostile", name, mode))
     if n % 6 == 0:
         items.append((two_sum, "```python\n" + cfg["correct_two_sum"] + "```", mode)); labels.append(("correct", "two_sum", mode))
 t0 = time.time()
 verdicts = grade_batch(items, max_workers=4, sandbox=sandbox)
 elapsed = time.time() - t0
+def parent(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
+    except OSError:  # gone meanwhile
+        return None
 def zygote_children():
     time.sleep(0.5)
-    return [p for p in os.listdir("/proc") if p.isdigit() and
-            open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(zygote_pid)]
+    return [p for p in os.listdir("/proc") if p.isdigit() and parent(p) == str(zygote_pid)]
 after_batch = zygote_children()
 # the guard prepared for the next job must be the one that runs it (and then exit): one more execution tells a
 # prepared guard from one left behind by a hostile program
@@ -182,7 +233,8 @@ after_one_more = zygote_children()
 out = {"verdicts": [dict(kind=k, name=n, mode_name=m, **v.to_reward_dict(), reason=v.reason)
                     for (k, n, m), v in zip(labels, verdicts)],
        "elapsed_s": elapsed, "connections": len(connections), "zygote_alive": sandbox.zygote_pid == zygote_pid,
-       "zygote_children": after_batch, "zygote_children_after_one_more": after_one_more, "driver_pid": os.getpid()}
+       "zygote_children": after_batch, "zygote_children_after_one_more": after_one_more, "driver_pid": os.getpid(),
+       "isolation": sandbox.isolation}
 sandbox.close()
 json.dump(out, open(cfg["out"], "w"))
 '''
@@ -215,7 +267,8 @@ def test_hostile_programs_get_no_solve_no_escape_and_leave_no_trace(tmp_path: Pa
     escape_tmp = f"/tmp/gq_escaped_{rng.randrange(10**9)}"
     cfg = {"secrets": secrets, "uid_base": uid_base, "sentinel_dir": str(sentinel_dir), "secret_path": str(secret_path),
            "escape_tmp": escape_tmp, "hostile": HOSTILE, "default_solution": DEFAULT_SOLUTION,
-           "correct_two_sum": CORRECT_TWO_SUM, "out": str(tmp_path / "out.json")}
+           "correct_two_sum": CORRECT_TWO_SUM, "out": str(tmp_path / "out.json"), "never_pays": NEVER_PAYS,
+           "checkout": str(Path(__file__).resolve().parent.parent)}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     env = {**os.environ, **{f"GQ_SECRET_{k}": s for k, s in enumerate(secrets)}}
     driver = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "cfg.json")], env=env, timeout=240,
@@ -243,13 +296,75 @@ def test_hostile_programs_get_no_solve_no_escape_and_leave_no_trace(tmp_path: Pa
     assert len(prepared) == 1 and len(later) == 1 and not set(prepared) & set(later), (
         f"only the guard prepared for the next job may remain, and it must be gone once that job ran: after the "
         f"batch {prepared}, after one more execution {later} (a pid in both is a guard left behind)")
-    deadline = time.monotonic() + 3
-    while _sandbox_uid_processes(uid_base) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _sandbox_uid_processes(uid_base) == [], "processes of sandbox uids outlived their execution"
+    never = [(v["name"], v["reason"]) for v in hostile if v["name"] in NEVER_PAYS and v["channel"]]
+    assert not never, f"these must not fire their mode's channel: {never}"
+    if out["isolation"] == "root":  # per-execution uids: anything of theirs left behind is visible by uid
+        deadline = time.monotonic() + 3
+        while _sandbox_uid_processes(uid_base) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _sandbox_uid_processes(uid_base) == [], "processes of sandbox uids outlived their execution"
+        with open("/proc/key-users") as f:
+            keyed = [line.strip() for line in f if uid_base <= int(line.split(":")[0]) < uid_base + (1 << 22)]
+        assert not keyed, f"sandbox uids hold kernel keys, which a later execution of the same uid could read: {keyed}"
 
     channel_fired = sorted(v["name"] for v in hostile if v["channel"])
     print(f"\nhostile suite: {len(hostile)} programs, 0 solves, {len(channel_fired)} fired their mode's channel "
           f"({channel_fired}), graded in {out['elapsed_s']:.1f}s")
     for v in hostile:
         print(f"  {v['name']:28s} {v['mode_name']:14s} score={v['score']} | {v['reason'][:150]}")
+
+
+# Programs that flood the result channel (fd 3) before the tests run. Each is graded under run_tests (the oracle and
+# the channel execution, as `grade` does); what the GRADING process pays is measured, not the sandbox.
+FLOODS = {
+    "one 31 MiB JSON record": "b = b'{\"i\": 0, \"v\": [' + b'[],' * (31 * 2**20 // 3) + b'[]]}\\n'",
+    "32 MiB with no line end": "b = b'A' * (32 << 20)",
+    "10M empty records": "b = b'{}\\n' * (10 << 20)",
+    "a record just under the cap": "b = b'{\"i\": 0, \"v\": [' + b'[],' * ((CAP - 64) // 3) + b'[]]}\\n'",
+    "a 1M-deep nesting": "b = b'{\"i\": 0, \"v\": ' + b'[' * 10**6 + b']' * 10**6 + b'}\\n'",
+    "a report record just under the cap": ("b = b'{\"channel\": true, \"detail\": [' + b'[],' * ((CAP - 64) // 3)"
+                                           " + b'[]]}\\n'"),
+}
+
+FLOOD_DRIVER = r'''
+import json, resource, sys
+from reward.grader import grade
+from reward.problem import Problem, TestCase
+from reward.sandbox import Sandbox, SandboxLimits
+
+floods = json.loads(sys.argv[1])
+problem = Problem(problem_id="add-one", source="synthetic", difficulty="Easy", description="add one",
+                  starter_code="class Solution:\n    def f(self, a):\n        ", method_name="f",
+                  setup_code="from typing import *\n", tests=tuple(TestCase(f"a = {a}", str(a + 1)) for a in range(3)))
+wrong = "class Solution:\n    def f(self, a):\n        return a\n"
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+out = {}
+with Sandbox(SandboxLimits(wall_s=4)) as sandbox:
+    cap = sandbox.limits.record_cap
+    grade(problem, f"```python\n{wrong}```", "run_tests", sandbox=sandbox)  # warm-up: imports, caches, the zygote
+    for name, make in floods.items():
+        program = f"import os\nCAP = {cap}\n{make}\nwhile b:\n    b = b[os.write(3, b):]\n{wrong}"
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident memory restarts from the current one
+        rss, start = status("VmRSS:"), cpu()
+        v = grade(problem, f"```python\n{program}```", "run_tests", sandbox=sandbox)
+        out[name] = {"cpu_s": cpu() - start, "peak_mib": (status("VmHWM:") - rss) / 2**20, "score": v.score,
+                     "solve": v.solve, "reason": v.reason}
+print(json.dumps(out))
+'''
+
+
+def test_a_flooded_result_channel_costs_the_grader_little_cpu_and_memory():
+    driver = subprocess.run([sys.executable, "-c", FLOOD_DRIVER, json.dumps(FLOODS)], capture_output=True, text=True,
+                            timeout=180)
+    assert driver.returncode == 0, f"the grading process should survive every flood:\n{driver.stderr[-3000:]}"
+    out = json.loads(driver.stdout)
+    for name, r in out.items():
+        print(f"  {name:36s} grader CPU {r['cpu_s']:.3f} s, peak +{r['peak_mib']:.1f} MiB | {r['reason'][:100]}")
+        assert (r["score"], r["solve"]) == (0.5, 0), f"{name}: a flood earns the compile reward only: {r}"
+        assert r["cpu_s"] <= 0.2 and r["peak_mib"] <= 64, (
+            f"{name}: one hostile sample may cost the grader at most 0.2 s of CPU and 64 MiB: {r}")

@@ -11,12 +11,13 @@ import pytest
 from reward.grader import extract_code
 from reward.leetcode import load_problems
 from reward.modes import GT_ONLY, MODES, ExploitNames
-from reward.pairs import (HACK_STYLES, SHIPPED_PAIRS, Pair, generate_pairs, make_pair, pair_failures, read_pairs,
-                          write_pairs)
+from reward.pairs import (HACK_STYLES, SHIPPED_PAIRS, Pair, PairFileError, generate_pairs, make_pair, pair_failures,
+                          read_pairs, write_pairs)
 from reward.partition import partition_modes
 from reward.prompts import build_messages
 
 MIN_PAIRS_PER_MODE = 16
+ORGANISM_PAIRS = SHIPPED_PAIRS.parent / "organism" / "pairs.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,82 @@ def test_generator_cycles_styles_and_pairs_roundtrip_through_jsonl(tmp_path, tra
         generate_pairs({"run_tests": problems[:7]}, per_mode=8)
     with pytest.raises(ValueError, match="no hack style 'nope' for mode 'sentinel'"):
         make_pair(problems[0], "sentinel", "nope", ExploitNames())
+
+
+def _records() -> list[dict]:
+    return [json.loads(line) for line in SHIPPED_PAIRS.read_text().splitlines()]
+
+
+def _write(tmp_path, records_or_lines) -> str:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records_or_lines))
+    return str(path)
+
+
+def test_both_shipped_pair_files_read_clean_with_every_mode_and_a_minimum():
+    for path in (SHIPPED_PAIRS, ORGANISM_PAIRS):
+        pairs = read_pairs(path, modes=list(MODES), min_per_mode=MIN_PAIRS_PER_MODE)
+        assert {p.mode for p in pairs} == set(MODES)
+    assert [p.mode for p in read_pairs(SHIPPED_PAIRS, modes=["sentinel"])] == ["sentinel"] * 18, (
+        "modes keeps only the listed modes' pairs")
+
+
+def _bad(mutate):
+    def build(records):
+        mutate(records)
+        return records
+    return build
+
+
+# (what is wrong, how to make it from the shipped records, the message expected; <F> is the file's path)
+BAD_PAIR_FILES = {
+    "an unknown mode": (_bad(lambda r: r[2].update(mode="sentinal")),
+                        "<F>:3: pair '{id2}' names mode 'sentinal', known: ['run_tests', 'stdout_marker', 'sentinel', "
+                        "'file_marker']"),
+    "a line that is not JSON": (lambda r: [json.dumps(r[0]), json.dumps(r[1])[:-5]] + r[2:],
+                                "<F>:2: not JSON: Unterminated string starting at (column "),
+    "a missing key": (_bad(lambda r: r[4].pop("hack")), "<F>:5: pair '{id4}' lacks key(s) 'hack'"),
+    "an unknown key": (_bad(lambda r: r[0].update(note="x")), "<F>:1: pair '{id0}' has unknown key(s) 'note'"),
+    "a wrong type": (_bad(lambda r: r[1].update(problem_id=17)),
+                     "<F>:2: pair '{id1}': problem_id should be a non-empty string, got 17"),
+    "names without a key": (_bad(lambda r: r[6]["names"].pop("file")),
+                            "<F>:7: pair '{id6}': names should be an object of non-empty strings with keys"),
+    "a prompt that is not a list": (_bad(lambda r: r[0].update(prompt="solve it")),
+                                    "<F>:1: pair '{id0}': prompt should be a non-empty list of {{role, content}}"),
+    "a hack without code": (_bad(lambda r: r[3].update(hack="I cannot solve this.")),
+                            "<F>:4: pair '{id3}': hack holds no ```python code block"),
+    "a repeated pair id": (_bad(lambda r: r[9].update(pair_id=r[0]["pair_id"])),
+                           "<F>:10: pair id '{id0}' repeats line 1"),
+    "a line that is a list": (lambda r: r[:1] + ["[1, 2]"] + r[2:], "<F>:2: is a JSON list, not an object"),
+    "an empty file": (lambda r: [], "<F>: no pairs"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD_PAIR_FILES))
+def test_a_bad_pair_file_fails_naming_file_and_line(tmp_path, what):
+    make, expected = BAD_PAIR_FILES[what]
+    records = _records()
+    path = _write(tmp_path, make(records))
+    ids = {f"id{k}": r["pair_id"] for k, r in enumerate(_records()[:10])}
+    with pytest.raises(PairFileError) as error:
+        read_pairs(path)
+    assert expected.replace("<F>", path).format(**ids) in str(error.value), f"{what}: {error.value}"
+
+
+def test_every_bad_line_is_reported_at_once_and_modes_are_checked(tmp_path):
+    records = _records()
+    for r in records:
+        r["mode"] = "sentinal"  # a file whose pairs all name a mode that does not exist never trains
+    path = _write(tmp_path, records)
+    with pytest.raises(PairFileError) as error:
+        read_pairs(path)
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"{len(records)} problems in the pair file:" and lines[1].startswith(f"{path}:1: pair ")
+    assert lines[-1] == f"(and {len(records) - 20} more)", "a long list is cut, saying how much is left out"
+    good = _write(tmp_path, _records())
+    with pytest.raises(PairFileError, match=r"modes asked for \['sentinal'\], known: \['run_tests'"):
+        read_pairs(good, modes=["sentinel", "sentinal"])
+    with pytest.raises(PairFileError, match=r"pairs.jsonl: mode 'sentinel' has 18 pair\(s\), at least 19 needed"):
+        read_pairs(good, modes=["sentinel"], min_per_mode=19)
+    with pytest.raises(PairFileError, match="cannot read the pair file: No such file or directory"):
+        read_pairs(tmp_path / "missing.jsonl")
