@@ -1,21 +1,24 @@
-"""The `gq` config block, and the engine config that carries it to the training engine.
+"""The `gq` config block, the engine config that carries it to the training engine, and the actor config that
+checks a gq run on the driver.
 
 verl builds `actor_rollout_ref.actor.fsdp_config` into a dataclass through its `_target_` and hands that object
 to the engine as `engine_config`. Swapping the `_target_` to `GQFSDPEngineConfig` is how the `gq` block reaches
-the engine without editing verl (verl-0.9.1-map.md section 7). Every field is validated here, at config time, with
-an error that names the field: a misspelt mode or an impossible band must not surface as a NaN three hours in.
+the engine without editing verl; swapping `actor._target_` to `GQActorConfig` runs the run's checks where verl
+validates the actor config, on the driver before Ray starts. Every field is validated with an error that names the
+field: a misspelt mode or an impossible band must not surface as a NaN three hours in.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from verl.base_config import BaseConfig
-from verl.workers.config import FSDPEngineConfig
+from verl.workers.config import FSDPActorConfig, FSDPEngineConfig
 
 from verl_gq.adapter.config import AdapterConfigError, QuarantineAdapterConfig
-from verl_gq.routing.controller import RouterSpec, RouterSpecError, check_routers
+from verl_gq.routing.controller import MIN_PAIRS, RouterSpec, RouterSpecError, check_routers
 from verl_gq.routing.optimizer import OPTIMIZERS
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -153,3 +156,80 @@ class GQFSDPEngineConfig(FSDPEngineConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "gq", GQConfig.from_any(self.gq))
+
+
+@dataclass
+class GQActorConfig(FSDPActorConfig):
+    """verl's FSDP actor config plus the gq engine's checks of the whole run (selected with actor._target_).
+
+    verl's main_ppo validates the actor config on the driver before Ray starts (verl/utils/config.py,
+    `validate_config` -> `actor_config.validate(n_gpus, train_batch_size, model_config)`), so what a gq run cannot
+    use fails here in seconds, not after the workers have built the model: the pair file (every line, every router's
+    modes), the adapter's rank and target modules against the model's own config, the pairs' token lengths, and verl
+    options the gq engine cannot honour."""
+
+    def validate(self, n_gpus: int, train_batch_size: int, model_config: dict = None):
+        super().validate(n_gpus, train_batch_size, model_config)
+        gq = getattr(self.fsdp_config, "gq", None)
+        if gq is None:
+            raise GQConfigError("actor_rollout_ref.actor._target_ is GQActorConfig but fsdp_config has no `gq` block: "
+                                "set actor_rollout_ref.actor.fsdp_config._target_=verl_gq.verl.config.GQFSDPEngineConfig")
+        if self.strategy not in ("gq_fsdp2", "gq_fsdp"):
+            raise GQConfigError(f"actor_rollout_ref.actor.strategy={self.strategy!r}: a gq run trains through the gq "
+                                "engine, strategy gq_fsdp2 (or gq_fsdp)")
+        check_run(gq, model_config, ulysses=self.ulysses_sequence_parallel_size)
+
+
+def check_run(gq: GQConfig, model_config: Any, ulysses: int = 1) -> None:
+    """The checks of GQActorConfig.validate (see there) on a gq block and verl's model config."""
+    from reward.pairs import PairFileError, read_pairs
+
+    from verl_gq.verl.pairs import resolve_pair_file
+
+    model = dict(model_config or {})
+    if int(model.get("lora_rank") or 0) > 0:
+        raise GQConfigError(f"actor_rollout_ref.model.lora_rank={model['lora_rank']}: the gq engine's SVD adapter "
+                            "takes LoRA's place (its merged-weight stream carries the knobs); set lora_rank=0")
+    if gq.routers and ulysses > 1:
+        raise GQConfigError(f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={ulysses}: routers need each "
+                            "rollout's positions on one rank (its gradient is summed before gating); use 1")
+    if any(spec.needs_direction for spec in gq.router_specs):
+        try:
+            pairs = read_pairs(resolve_pair_file(gq.pair_file))
+        except (PairFileError, FileNotFoundError) as error:
+            raise GQConfigError(f"gq.pair_file: {error}") from None
+        for spec in gq.router_specs:
+            if not spec.needs_direction:
+                continue
+            modes = set(spec.direction_modes)
+            count = sum(1 for pair in pairs if not modes or pair.mode in modes)
+            if count < MIN_PAIRS:
+                raise GQConfigError(f"gq.routers.{spec.name}: {gq.pair_file} has {count} pairs of modes "
+                                    f"{sorted(modes) or 'all'}; its direction and band need at least {MIN_PAIRS}")
+    path = model.get("path")
+    if path and Path(str(path)).is_dir():  # a hub name is checked by the engine once the model is fetched
+        check_model(gq, Path(str(path)), pairs if any(spec.needs_direction for spec in gq.router_specs) else [])
+
+
+def check_model(gq: GQConfig, model_dir: Path, pairs: list) -> None:
+    """The adapter's rank and target modules on the model's config (built on the meta device: nothing allocated,
+    the engine's own injection code names the module that does not fit), and every pair's token length."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from verl_gq.adapter.model import inject_quarantine_adapter
+    from verl_gq.routing.pair_tokens import tokenize_pairs
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    try:
+        inject_quarantine_adapter(model, QuarantineAdapterConfig(rank=gq.rank, target_modules=list(gq.target_modules),
+                                                                 quarantines=list(gq.routers)))
+    except AdapterConfigError as error:
+        raise GQConfigError(f"gq.rank / gq.target_modules on {model_dir}: {error}") from None
+    if pairs:
+        try:
+            tokenize_pairs(pairs, AutoTokenizer.from_pretrained(model_dir), gq.max_pair_tokens)
+        except ValueError as error:
+            raise GQConfigError(f"gq.pair_file={gq.pair_file}: {error}") from None

@@ -89,9 +89,32 @@ def eval_block(extra: dict[str, list]) -> Optional[EvalBlock]:
                                   eval_modes=eval_modes)
 
 
+# verl checkpoint engines that ship the actor's own (sharded) tensors instead of the engine's merged-weight stream: the
+# rollout would receive the knobs and bases, not the merged weights of the view it should sample from
+UNSUPPORTED_CHECKPOINT_ENGINES = ("delta_sharded",)
+
+
+def check_trainer_config(config) -> None:
+    """What the gq trainer cannot honour, refused before any worker is built: a checkpoint engine that bypasses
+    the merged-weight stream, and a reward sandbox that cannot isolate on this host."""
+    backend = config.actor_rollout_ref.rollout.get("checkpoint_engine", {}).get("backend", "naive")
+    if backend in UNSUPPORTED_CHECKPOINT_ENGINES:
+        raise ValueError(f"actor_rollout_ref.rollout.checkpoint_engine.backend={backend!r}: it ships the actor's "
+                         "sharded tensors (knobs and bases) instead of the gq engine's merged weights of the model's "
+                         "view; use naive (or nccl, nixl)")
+    if config.reward.get("custom_reward_function", {}).get("path") == "pkg://reward.verl_entry":
+        from reward.sandbox import isolation_problems
+
+        problems = isolation_problems()
+        if problems:
+            raise RuntimeError("the LeetCode reward's sandbox cannot isolate graded programs on this host: "
+                               + "; ".join(problems))
+
+
 @register_trainer(TRAINER_MODE)
 class GQTrainer(PPOTrainerSync):
     def _init_resource_pool_mgr(self):
+        check_trainer_config(self.config)  # the trainer's first step, in the TaskRunner: before any worker starts
         super()._init_resource_pool_mgr()
         # The actor worker gains set_view/save_adapter; the reference policy comes from the actor (adapter
         # disabled), so a combined actor+rollout+ref role becomes actor+rollout and no reference copy is built.
