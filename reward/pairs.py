@@ -289,7 +289,6 @@ _TEXT_FIELDS = ("pair_id", "mode", "problem_id", "style", "clean", "hack")
 _PAIR_FIELDS = frozenset(_TEXT_FIELDS + ("names", "prompt"))
 _NAME_FIELDS = frozenset(ExploitNames.__dataclass_fields__)
 _MAX_ERRORS_SHOWN = 20
-_FENCE_OPEN = "```python"
 
 
 def _pair_from_record(record) -> Pair:
@@ -318,9 +317,6 @@ def _pair_from_record(record) -> Pair:
                    or type(m["content"]) is not str for m in prompt)):
         raise ValueError(f"{label}: prompt should be a non-empty list of {{role, content}} string messages, "
                          f"got {prompt!r:.200}")
-    for side in ("clean", "hack"):
-        if _FENCE_OPEN not in record[side]:
-            raise ValueError(f"{label}: {side} holds no ```python code block")
     return Pair(**{**record, "names": ExploitNames(**names)})
 
 

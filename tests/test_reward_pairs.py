@@ -126,8 +126,6 @@ BAD_PAIR_FILES = {
                             "<F>:7: pair '{id6}': names should be an object of non-empty strings with keys"),
     "a prompt that is not a list": (_bad(lambda r: r[0].update(prompt="solve it")),
                                     "<F>:1: pair '{id0}': prompt should be a non-empty list of {{role, content}}"),
-    "a hack without code": (_bad(lambda r: r[3].update(hack="I cannot solve this.")),
-                            "<F>:4: pair '{id3}': hack holds no ```python code block"),
     "a repeated pair id": (_bad(lambda r: r[9].update(pair_id=r[0]["pair_id"])),
                            "<F>:10: pair id '{id0}' repeats line 1"),
     "a line that is a list": (lambda r: r[:1] + ["[1, 2]"] + r[2:], "<F>:2: is a JSON list, not an object"),

@@ -317,7 +317,7 @@ def test_kept_plus_quarantine_equals_vanilla_gradient(setup, granularity):
             router.add_tokens(name, rollout_gate, gate(per_token, direction, band), segments.example_of_token)
     # A fake 2-rank reduction (the same sums twice) with grad_scale 1/2 must give the single-rank result.
     routed = router.finish(reduce=lambda flat: flat * 2, grad_scale=0.5)
-    write_knob_grads(adapter, routed)
+    write_knob_grads(adapter.knob_parameters(), [routed.knob_grads[m] for m in adapter.module_names])
     worst = max((routed.total[m] - vanilla[m]).abs().max().item() for m in vanilla)
     worst_split = max((routed.kept(name)[m] + routed.quarantine(name)[m] - vanilla[m]).abs().max().item() for m in vanilla)
     metrics = routed.metrics.routers[name]

@@ -32,7 +32,6 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from tensordict import TensorDict
-from torch.distributed.tensor import DTensor
 from verl.utils import tensordict_utils as tu
 from verl.utils.device import get_device_id, get_device_name
 from verl.utils.model import convert_weight_keys
@@ -47,6 +46,7 @@ from verl_gq.adapter.model import QuarantineAdapter, inject_quarantine_adapter
 from verl_gq.routing.capture import KnobGradientCapture, Segments
 from verl_gq.routing.controller import RoutingController
 from verl_gq.routing.optimizer import QuarantineAdamW, build_knob_optimizer
+from verl_gq.routing.router import write_knob_grads
 from verl_gq.verl.config import GQConfig, GQConfigError
 from verl_gq.verl.logprobs import chunked_logprobs_in_fsdp_engine
 from verl_gq.verl.pairs import tokenized_pairs
@@ -124,7 +124,7 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             self.module.register_forward_pre_hook(lambda module, args: self._reshard_frozen_fsdp1_units())
         if self.adapter is not None and self.engine_config.strategy == "fsdp" and self.get_data_parallel_size() > 1:
             # FSDP1 keeps each rank's part of a knob as a flat 1-D slice of its FlatParameter: the knobs' optimizer
-            # needs whole (r, 1 + R) rows on a rank, and the routed gradient is written whole (_write_knob_grads)
+            # needs whole (r, 1 + R) rows on a rank, and the routed gradient is written per parameter, not per flat slice
             raise GQConfigError(
                 "gq_fsdp (FSDP1) runs on one data-parallel rank only; use strategy gq_fsdp2 for "
                 f"{self.get_data_parallel_size()} ranks"
@@ -187,7 +187,7 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         if self.routing is None:
             return super().optimizer_zero_grad()
         # the routers write every knob's gradient themselves; zeroed in place, the gradients stay allocated between
-        # steps, so the write is one batched copy instead of a new DTensor per knob per step (_write_knob_grads)
+        # steps, so the write is one batched copy instead of a new DTensor per knob per step (write_knob_grads)
         self.optimizer.zero_grad(set_to_none=False)
 
     def optimizer_step(self):
@@ -224,7 +224,7 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                 output = super().forward_backward_batch(data, loss_function, forward_only=False)
                 knob_grads, metrics = self.routing.end_step(capture)
                 with record_function("gq:write"):
-                    self._write_knob_grads(self.adapter.knob_parameters(), knob_grads)
+                    write_knob_grads(self.adapter.knob_parameters(), knob_grads)
         finally:
             self._capture = None
         # one value per mini-batch, as a list like verl's per-micro-batch metrics (TrainingWorker chains the lists)
@@ -310,29 +310,6 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.get_data_parallel_group())
         return tensor
 
-    @staticmethod
-    @torch.no_grad()
-    def _write_knob_grads(knobs: list[torch.nn.Parameter], full_grads: list[torch.Tensor]) -> None:
-        """Make the full (all-reduced, identical on every rank) routed gradients the knobs' gradients, replacing
-        what is there (optimizer_zero_grad's zeros; under FSDP1 the unrouted totals of the stash's backward). A
-        sharded knob takes this rank's part in place, and all the copies run as one batched kernel: a DTensor op per
-        knob costs ~0.1 ms of host time, and a step writes one (r, 1 + R) knob per adapted module."""
-        targets, sources = [], []
-        for knob, full in zip(knobs, full_grads):
-            full = full.to(device=knob.device, dtype=knob.dtype)
-            if not isinstance(knob, DTensor):
-                knob.grad = full.clone()
-                continue
-            local = _local_part(full, knob)
-            if knob.grad is None:
-                knob.grad = DTensor.from_local(local.clone(), knob.device_mesh, knob.placements, run_check=False,
-                                               shape=knob.shape, stride=knob.stride())
-            else:
-                targets.append(knob.grad.to_local())
-                sources.append(local)
-        if targets:
-            torch._foreach_copy_(targets, sources)
-
     def _reshard_frozen_fsdp1_units(self) -> None:
         """Reshard the FSDP1 units that backward left unsharded, as torch's catch-all would have.
 
@@ -367,24 +344,6 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                 f"resuming a run with routers needs {state_path} (directions, bands, step); the checkpoint lacks it"
             )
         super().load_checkpoint(local_path, hdfs_path, del_local_after_load, **kwargs)
-
-
-def _local_part(full: torch.Tensor, parameter: DTensor) -> torch.Tensor:
-    """This rank's part of a full tensor shaped like the DTensor `parameter`, cut as its placements cut it (Shard:
-    torch.chunk along the dim, as DTensor and FSDP2 split; Replicate: whole)."""
-    local = full
-    coordinate = parameter.device_mesh.get_coordinate()
-    for mesh_dim, placement in enumerate(parameter.placements):
-        if placement.is_shard():
-            pieces = torch.chunk(local, parameter.device_mesh.size(mesh_dim), dim=placement.dim)
-            index = coordinate[mesh_dim]
-            local = pieces[index] if index < len(pieces) else local.narrow(placement.dim, 0, 0)
-        elif not placement.is_replicate():
-            raise TypeError(f"knob placement {placement} is neither Shard nor Replicate")
-    if local.shape != parameter.to_local().shape:
-        raise RuntimeError(f"this rank's part of the routed gradient has shape {tuple(local.shape)}, the knob's local "
-                           f"shard {tuple(parameter.to_local().shape)} (placements {parameter.placements})")
-    return local
 
 
 def register_engines() -> None:
