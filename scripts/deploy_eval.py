@@ -23,9 +23,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from reward.modes import held_out_modes
-from verl_gq.eval.deploy import AS_TRAINED, BASE, DeploySettings, deploy_record, evaluate
-from verl_gq.eval.run_dir import RunDir, record_deploy_evaluation, source_commit
-from verl_gq.eval.schema import dump_json, parse_deploy
+from verl_gq.eval.deploy import AS_TRAINED, BASE, DeploySettings, evaluate
+from verl_gq.eval.artifacts.run_dir import RunDir, deploy_evaluation, record_deploy_evaluation
+from verl_gq.eval.artifacts.schema import dump_json, parse_deploy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     blocks = evaluate(model, run.train_file, args.eval_file, settings)
     held_out = {name: held_out_modes((routers.get(name) or {}).get("direction_modes")) for name in meta["routers"]}
-    record = deploy_record(run.name, meta["seed"], meta["step"], model, settings, blocks, held_out,
-                           git_commit=source_commit(), train_content_sha256=run.train_content_sha256())
+    record = deploy_evaluation(run, seed=meta["seed"], step=meta["step"], model=model, group=settings.group,
+                               temperature=settings.temperature, names_randomised=settings.randomise_names,
+                               as_trained=blocks[AS_TRAINED], deployed={r: blocks[r] for r in meta["routers"]},
+                               held_out_modes=held_out)
     if args.record:
         record_deploy_evaluation(run, run.open_metrics_log(resume_from_step=meta["step"]), record)
         out = run.deploy_file

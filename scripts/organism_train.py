@@ -26,7 +26,7 @@ from reward.synthetic import GrammarConfig, generate_split
 from verl_gq.organism.corpus import CorpusConfig, build_corpus, corpus_hash, corpus_stats, prompt_fingerprint
 from verl_gq.models.sampling import sample_answers
 from verl_gq.organism.evaluate import CONDITIONS, eval_items, item_record, render_prompts
-from verl_gq.eval.run_dir import source_commit
+from verl_gq.eval.artifacts.run_dir import source_commit
 from verl_gq.organism.train import ModelConfig, TrainConfig, build_and_train
 
 

@@ -18,9 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from verl_gq.eval.collect import collect_runs, default_baseline
-from verl_gq.eval.figures import default_long_run_arms, long_run, training_curves
-from verl_gq.eval.tables import ablation_table, held_out_table, keynote_table
+from verl_gq.eval.report.collect import collect_runs, default_baseline
+from verl_gq.eval.report.figures import default_long_run_arms, long_run, training_curves
+from verl_gq.eval.report.tables import ablation_table, held_out_table, keynote_table
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from reward.modes import MODES
-from verl_gq.eval.run_dir import MetricsLog, MetricsLogError, RunDir, read_metrics_rows, record_deploy_evaluation
-from verl_gq.eval.schema import (
-    Band,
+from verl_gq.eval.artifacts.run_dir import MetricsLog, MetricsLogError, RunDir, read_metrics_rows, record_deploy_evaluation
+from verl_gq.eval.artifacts.schema import (
+    BandBounds,
     CosStats,
     DeployEval,
     EvalBlock,
@@ -46,7 +46,7 @@ def deploy(run: str = "r0", step: int = 3) -> DeployEval:
 
 
 def train_row(step: int) -> TrainRow:
-    routed = RouterStep(frout=0.2, cos=CosStats(mean=0.1, std=0.3, min=-0.4, max=0.7), band=Band(lower=0.05, upper=0.3),
+    routed = RouterStep(frout=0.2, cos=CosStats(mean=0.1, std=0.3, min=-0.4, max=0.7), band=BandBounds(lower=0.05, upper=0.3),
                         kept_grad_norm=1.0, quarantine_grad_norm=0.25, direction_refreshed=step % 5 == 1)
     return TrainRow(step=step, time=100.0 + step, reward_mean=1.5, as_trained=block([step % 3, 0, 0, 1], [1, 0, 0, 0]),
                     grad_norm=1.1, routers={"route2b": routed}, extra={"lr": 1e-5})
@@ -350,7 +350,7 @@ def test_source_commit_names_this_checkout():
     import re
     import subprocess
 
-    from verl_gq.eval import source_commit
+    from verl_gq.eval.artifacts import source_commit
 
     git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent)

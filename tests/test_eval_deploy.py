@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 from verl_gq.adapter.config import QuarantineAdapterConfig
 from verl_gq.adapter.model import inject_quarantine_adapter
 from verl_gq.eval.deploy import DeploySettings, evaluate
-from verl_gq.eval.run_dir import RunDir
-from verl_gq.eval.schema import parse_deploy
+from verl_gq.eval.artifacts.run_dir import RunDir
+from verl_gq.eval.artifacts.schema import parse_deploy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_deploy_eval_command_writes_a_valid_per_mode_file(tmp_path, tiny_model_d
 def test_record_writes_the_runs_own_evaluation_and_an_eval_row(tmp_path, tiny_model_dir):
     """--record: the evaluation of a run trained without one becomes its per_mode_deploy.json and an eval row at the
     saved step, which is what scripts/report.py reads."""
-    from verl_gq.eval.schema import EvalBlock, TrainRow
+    from verl_gq.eval.artifacts.schema import EvalBlock, TrainRow
 
     def train_row(step: int) -> TrainRow:
         batch = EvalBlock.from_samples(["run_tests"] * 4, [True, False, False, False], [False] * 4, eval_modes=["run_tests"])

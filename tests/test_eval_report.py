@@ -19,11 +19,11 @@ from safetensors.torch import save_file
 from scipy import stats
 
 from reward.modes import MODES
-from verl_gq.eval.collect import collect_runs
-from verl_gq.eval.figures import default_long_run_arms, long_run, training_curves
-from verl_gq.eval.run_dir import RunDir, record_deploy_evaluation
-from verl_gq.eval.schema import (
-    Band,
+from verl_gq.eval.report.collect import collect_runs
+from verl_gq.eval.report.figures import default_long_run_arms, long_run, training_curves
+from verl_gq.eval.artifacts.run_dir import RunDir, record_deploy_evaluation
+from verl_gq.eval.artifacts.schema import (
+    BandBounds,
     CosStats,
     DeployEval,
     EvalBlock,
@@ -33,8 +33,8 @@ from verl_gq.eval.schema import (
     TrainRow,
     dump_json,
 )
-from verl_gq.eval.stats import mean_sem, paired_t_test
-from verl_gq.eval.tables import ablation_table, held_out_table, keynote_table
+from verl_gq.eval.report.stats import mean_sem, paired_t_test
+from verl_gq.eval.report.tables import ablation_table, held_out_table, keynote_table
 
 REPO = Path(__file__).resolve().parents[1]
 N_PROMPTS, GROUP = 8, 2
@@ -76,7 +76,7 @@ def write_run(root: Path, name: str, *, arm: str, seed: int, hack: int | None = 
     log = run.open_metrics_log()
     for step in range(1, steps + 1):
         routed = RouterStep(frout=frout, cos=CosStats(mean=0.1, std=0.2, min=-0.5, max=0.6),
-                            band=Band(lower=0.0, upper=0.3), kept_grad_norm=1.0, quarantine_grad_norm=0.5,
+                            band=BandBounds(lower=0.0, upper=0.3), kept_grad_norm=1.0, quarantine_grad_norm=0.5,
                             direction_refreshed=step % 5 == 1)
         log.append(TrainRow(step=step, time=float(step), reward_mean=1.0, as_trained=block(spread(seed + step),
                             spread(solve)), grad_norm=1.2, routers={r: routed for r in named}))
@@ -174,7 +174,7 @@ def test_the_routers_of_one_run_are_arms_paired_by_seed_with_the_run_as_trained(
         write_run(tmp_path, f"study_s{seed}", arm="route2b", seed=seed, hack=hack, routers={"random_v": random_v[seed]})
     runset = collect_runs(tmp_path)
     assert sorted(runset.arms) == ["random_v", "route2b", "study:as_trained"] and not runset.problems
-    from verl_gq.eval.collect import default_baseline
+    from verl_gq.eval.report.collect import default_baseline
 
     baseline = default_baseline(list(runset.arms))
     assert baseline == "study:as_trained"

@@ -117,7 +117,7 @@ def test_route2b_recipe_logs_routing_and_per_mode_reward_metrics_every_step(work
 @pytest.mark.slow
 def test_organism_earns_reward_from_the_first_step(workspace, runs):
     from verl_gq.organism.shipped import CHECKPOINT_DIR
-    from verl_gq.eval import RunDir
+    from verl_gq.eval.artifacts import RunDir
 
     steps = step_metrics(workspace, "vanilla")
     assert steps[0]["critic/score/mean"] > 0 and steps[0]["train/compile/all"] > 0.5, \
@@ -132,7 +132,7 @@ def test_organism_earns_reward_from_the_first_step(workspace, runs):
 
 @pytest.mark.slow
 def test_runs_leave_valid_versioned_artifacts(workspace, runs):
-    from verl_gq.eval import RunDir
+    from verl_gq.eval.artifacts import RunDir
 
     for name, routers in (("route2b", list(ROUTERS)), ("vanilla", [])):
         run = RunDir(workspace["tmp"] / "runs" / name)

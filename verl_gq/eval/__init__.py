@@ -1,26 +1,7 @@
-"""Run artifacts: versioned schemas, the run folder and its append-only metrics log (docs/outputs.md).
+"""Run evaluation and its artifacts.
 
-The writers the training engine uses are exported here; the readers behind the report (collect, stats, tables,
-figures) are imported from their modules, so a trainer never imports matplotlib.
+- `artifacts`: the run folder's files, their versioned schemas, readers and writers (no torch: a report machine needs
+  none);
+- `deploy`: a saved run's deploy evaluation outside verl (as trained and each router's deployed model);
+- `report`: the tables and figures from a folder of run folders.
 """
-
-from verl_gq.eval.run_dir import MetricsLog, MetricsLogError, RunDir, record_deploy_evaluation, source_commit
-from verl_gq.eval.schema import (
-    Band,
-    CosStats,
-    DeployEval,
-    EvalBlock,
-    EvalRow,
-    ModeStats,
-    ResumeRow,
-    RouterEval,
-    RouterStep,
-    SchemaError,
-    TrainRow,
-)
-
-__all__ = [
-    "Band", "CosStats", "DeployEval", "EvalBlock", "EvalRow", "MetricsLog", "MetricsLogError", "ModeStats",
-    "ResumeRow", "RouterEval", "RouterStep", "RunDir", "SchemaError", "TrainRow", "record_deploy_evaluation",
-    "source_commit",
-]

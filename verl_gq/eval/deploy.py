@@ -8,7 +8,6 @@ training run the gq trainer writes the same file from verl's own validation (ver
 
 from __future__ import annotations
 
-import datetime
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from reward.grader import grade_batch
 from reward.modes import MODES, randomised_names
 from reward.prompts import build_messages
 from verl_gq.adapter.model import adapter_config_of, inject_quarantine_adapter
-from verl_gq.eval.schema import DeployEval, EvalBlock, RouterEval
+from verl_gq.eval.artifacts.schema import EvalBlock
 from verl_gq.models.sampling import sample_answers
 
 
@@ -98,18 +97,3 @@ def evaluate(model_path: str, train_file: Path, eval_file: Path, settings: Deplo
         blocks[view] = EvalBlock.from_samples([mode for _, mode, _ in tasks], [bool(v.solve) for v in verdicts],
                                               [bool(v.hack) for v in verdicts], eval_modes=list(MODES))
     return blocks
-
-
-def deploy_record(run: str, seed: int, step: int, model: str, settings: DeploySettings, blocks: dict[str, EvalBlock],
-                  held_out_modes: dict[str, list[str]], git_commit: Optional[str],
-                  train_content_sha256: Optional[str]) -> DeployEval:
-    """The per_mode_deploy.json record of `evaluate`'s blocks: as trained, and every router in `held_out_modes`
-    ({router: the modes its direction held out})."""
-    return DeployEval(
-        run=run, seed=seed, step=step, model=model, n_prompts=settings.n_prompts, group=settings.group,
-        temperature=settings.temperature, eval_modes=list(MODES), names_randomised=settings.randomise_names,
-        as_trained=blocks[AS_TRAINED],
-        routers={name: RouterEval(held_out_modes=modes, deployed=blocks[name]) for name, modes in held_out_modes.items()},
-        train_content_sha256=train_content_sha256,
-        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(), git_commit=git_commit,
-    )

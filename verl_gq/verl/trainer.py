@@ -15,7 +15,6 @@ Selected with `trainer.v1.trainer_mode=gq_sync` (verl's trainer registry; verl i
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -31,18 +30,16 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from reward.modes import ALL_MODES, MODES, held_out_modes, mode_name
-from verl_gq.eval import (
+from verl_gq.eval.artifacts import (
     CosStats,
-    DeployEval,
     EvalBlock,
-    RouterEval,
     RouterStep,
     RunDir,
     TrainRow,
+    deploy_evaluation,
     record_deploy_evaluation,
-    source_commit,
 )
-from verl_gq.eval import Band as BandRow
+from verl_gq.eval.artifacts import BandBounds
 from verl_gq.routing.metrics import StepMetrics
 from verl_gq.verl.config import GQConfig
 from verl_gq.verl.worker import GQActorRolloutRefWorker
@@ -172,25 +169,15 @@ class GQTrainer(PPOTrainerSync):
         return metrics
 
     def _record_deploy(self, as_trained: EvalBlock, deployed: dict[str, EvalBlock]) -> None:
-        group = int(self.config.actor_rollout_ref.rollout.val_kwargs.n)
         self._save_adapter()  # the file this evaluation was computed from, hashed into the record
-        deploy = DeployEval(
-            run=self.run_dir.name,
-            seed=int(self.gq.seed),
-            step=int(self.global_steps),
+        deploy = deploy_evaluation(
+            self.run_dir, seed=int(self.gq.seed), step=int(self.global_steps),
             model=str(self.config.actor_rollout_ref.model.path),
-            n_prompts=as_trained.overall.n // group,
-            group=group,
+            group=int(self.config.actor_rollout_ref.rollout.val_kwargs.n),
             temperature=float(self.config.actor_rollout_ref.rollout.val_kwargs.temperature),
-            eval_modes=sorted(as_trained.by_mode, key=ALL_MODES.index),
-            names_randomised=bool(self.config.data.get("names_randomised", False)),
-            as_trained=as_trained,
-            routers={name: RouterEval(held_out_modes=held_out_modes(spec.direction_modes), deployed=deployed[name])
-                     for name, spec in self.gq.routers.items()},
-            train_content_sha256=self.run_dir.train_content_sha256(),
-            created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            git_commit=source_commit(),
-        )
+            names_randomised=bool(self.config.data.get("names_randomised", False)), as_trained=as_trained,
+            deployed=deployed,
+            held_out_modes={name: held_out_modes(spec.direction_modes) for name, spec in self.gq.routers.items()})
         record_deploy_evaluation(self.run_dir, self.metrics_log, deploy)
 
     # --- per-step metrics and artifacts -----------------------------------------------------------------------
@@ -232,7 +219,7 @@ class GQTrainer(PPOTrainerSync):
             routers[name] = RouterStep(
                 frout=float(router.frout),
                 cos=None if cos is None else CosStats(mean=cos.mean, std=cos.std, min=cos.min, max=cos.max),
-                band=None if router.band_lower is None else BandRow(lower=router.band_lower, upper=router.band_upper),
+                band=None if router.band_lower is None else BandBounds(lower=router.band_lower, upper=router.band_upper),
                 kept_grad_norm=float(router.kept_grad_norm),
                 quarantine_grad_norm=float(router.quarantine_grad_norm),
                 direction_refreshed=router.refresh is not None,

@@ -18,6 +18,7 @@ repeats or goes back on a step is an error, so no step is ever in the log twice.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -30,9 +31,12 @@ from typing import Any, Optional
 
 from safetensors import safe_open
 
-from verl_gq.eval.schema import (
+from reward.modes import ALL_MODES
+from verl_gq.eval.artifacts.schema import (
     STEP_KEYED_KINDS,
     DeployEval,
+    EvalBlock,
+    RouterEval,
     EvalRow,
     MetricsRow,
     ResumeRow,
@@ -279,6 +283,24 @@ def content_sha256(path: Path) -> str:
     except (struct.error, ValueError, KeyError, TypeError) as error:
         raise SchemaError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from None
     return digest.hexdigest()
+
+
+def deploy_evaluation(run_dir: RunDir, *, seed: int, step: int, model: str, group: int, temperature: float,
+                      names_randomised: bool, as_trained: EvalBlock, deployed: dict[str, EvalBlock],
+                      held_out_modes: dict[str, list[str]]) -> DeployEval:
+    """The record of per_mode_deploy.json for an evaluation of the run's saved knobs (the one builder: the trainer
+    and the stand-alone evaluation both make theirs here): the as-trained block, each router's deployed block with
+    the modes its direction held out, n_prompts from the samples and the group, the content hash of the
+    train.safetensors it read, the time and the source commit."""
+    return DeployEval(
+        run=run_dir.name, seed=seed, step=step, model=model, n_prompts=as_trained.overall.n // group, group=group,
+        temperature=temperature, eval_modes=sorted(as_trained.by_mode, key=ALL_MODES.index),
+        names_randomised=names_randomised, as_trained=as_trained,
+        routers={name: RouterEval(held_out_modes=list(held_out_modes.get(name, [])), deployed=block)
+                 for name, block in deployed.items()},
+        train_content_sha256=run_dir.train_content_sha256(),
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(), git_commit=source_commit(),
+    )
 
 
 def record_deploy_evaluation(run_dir: RunDir, log: MetricsLog, deploy: DeployEval) -> None:

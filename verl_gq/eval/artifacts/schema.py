@@ -231,7 +231,9 @@ class CosStats:
 
 
 @dataclass(frozen=True, kw_only=True, config=_STRICT)
-class Band:
+class BandBounds:
+    """A router's band [lower, upper] as logged (verl_gq.routing.Band is the band that gates)."""
+
     lower: float
     upper: float
 
@@ -244,7 +246,7 @@ class RouterStep:
 
     frout: float = Field(ge=0.0, le=1.0)
     cos: Optional[CosStats]
-    band: Optional[Band]
+    band: Optional[BandBounds]
     kept_grad_norm: float = Field(ge=0.0)
     quarantine_grad_norm: float = Field(ge=0.0)
     direction_refreshed: bool

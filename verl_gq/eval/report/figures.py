@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from verl_gq.eval.collect import RunSet  # noqa: E402
+from verl_gq.eval.report.collect import RunSet  # noqa: E402
 
 # (source, frame attribute of Run, column prefix): what each panel column of the figures reads.
 SOURCES = (("as_trained", "train", "as_trained.overall"), ("deployed", "evals", "deployed.overall"))

@@ -33,8 +33,8 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from verl_gq.eval.run_dir import RunDir
-from verl_gq.eval.schema import DeployEval, EvalBlock, EvalRow, SchemaError, TrainRow
+from verl_gq.eval.artifacts.run_dir import RunDir
+from verl_gq.eval.artifacts.schema import DeployEval, EvalBlock, EvalRow, SchemaError, TrainRow
 
 # verl's trainer counts global steps from 1; the first train row must be that step.
 FIRST_STEP = 1

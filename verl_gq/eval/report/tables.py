@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from verl_gq.eval.collect import Run, RunSet, differing_fields, eval_settings
-from verl_gq.eval.stats import TEST_NAME, mean_sem, paired_t_test
+from verl_gq.eval.report.collect import Run, RunSet, differing_fields, eval_settings
+from verl_gq.eval.report.stats import TEST_NAME, mean_sem, paired_t_test
 
 # the router settings the ablation table shows (empty for vanilla and as_trained)
 ABLATION_CONFIG_FIELDS = ("granularity", "direction", "band", "match", "refresh", "direction_modes")
