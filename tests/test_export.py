@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from verl_gq.adapter import QuarantineAdapterConfig, inject_quarantine_adapter
 from verl_gq.eval.deploy import load_model_with_knobs
-from verl_gq.eval.run_dir import RunDir
+from verl_gq.eval.artifacts.run_dir import RunDir
 from verl_gq.export import PROVENANCE_FILE, ExportError, export_run, main
 from verl_gq.models import build_qwen_model
 

@@ -44,8 +44,8 @@ from verl_gq.adapter import (
     inject_quarantine_adapter,
     knob_scale,
 )
-from verl_gq.eval.run_dir import TRAIN_FILE, RunDir, source_commit
-from verl_gq.eval.schema import SchemaError
+from verl_gq.eval.artifacts.run_dir import TRAIN_FILE, RunDir, source_commit
+from verl_gq.eval.artifacts.schema import SchemaError
 
 FORMATS = ("hf", "peft")
 PROVENANCE_FILE = "verl_gq_export.json"
