@@ -363,7 +363,8 @@ class HFGenerator:
         state.out_tokens[state.active, state.step] = tokens
         state.out_log_probs[state.active, state.step] = log_probs
         state.lengths.add_((~state.finished).long())
-        hit_stop = torch.isin(tokens, stop_ids) & ~state.finished
+        # a broadcast compare: torch.isin sorts and takes unique values (a host read) for long stop lists
+        hit_stop = (tokens[:, None] == stop_ids[None, :]).any(-1) & ~state.finished
         state.stopped.logical_or_(hit_stop)
         state.finished.logical_or_(hit_stop | (state.lengths >= state.limits))
         state.valid.index_fill_(1, state.write_column, True)
