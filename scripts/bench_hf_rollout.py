@@ -167,6 +167,11 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device {device_name}, torch {torch.__version__}, threads {torch.get_num_threads()}; {shape}, "
           f"{len(batches)} batches, T={args.temperature}, {args.repeats} repeats")
+    if args.device == "cuda":  # which attention kernels sdpa may pick (cuDNN's are planned per shape)
+        backends = {"flash": torch.backends.cuda.flash_sdp_enabled(),
+                    "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                    "cudnn": torch.backends.cuda.cudnn_sdp_enabled(), "math": torch.backends.cuda.math_sdp_enabled()}
+        print(f"sdpa backends enabled: {', '.join(name for name, on in backends.items() if on)}")
 
     for dtype in dtypes:
         variants = {}  # name -> (spec -> [(token ids, log-probs) per row])

@@ -1,10 +1,12 @@
 """Batched token-in/token-out generation with an HF causal LM, reproducible per sample (torch and transformers only).
 
-`HFGenerator.generate` left-pads a batch of prompts, prefills them in one forward pass into a static KV cache and
-decodes all rows together, each stopping at EOS/stop tokens or its own max_tokens. Every row samples with its own
-64-bit key (verl_gq.models.keyed_sampling), so a row's tokens do not depend on the batch it was decoded in.
+`HFGenerator.generate` decodes a batch of prompts together, left-padded in a static KV cache, each row stopping at
+EOS/stop tokens or its own max_tokens. Every row samples with its own 64-bit key (verl_gq.models.keyed_sampling),
+so a row's tokens do not depend on the batch it was decoded in.
 
-What keeps the decode loop cheap:
+What keeps it cheap:
+- each distinct prompt is prefilled once (verl sends a prompt's n samples as n requests), in chunks of similar
+  length that pad little;
 - a static KV cache (transformers `StaticCache`, written in place) instead of a cache re-concatenated every token;
 - attention masks built once per batch and updated in place, so transformers' mask construction (and its host
   read of the padding mask) stays out of the loop;
@@ -286,7 +288,7 @@ class HFGenerator:
     def _prefill(self, state: _DecodeState, rows: list[list[int]], limits: list[int], keys: list[int],
                  width: int) -> None:
         """Reset `state` in place for these rows (extra rows of a bucket start finished) and run the prompts into
-        its static cache, prompts left-aligned to end at column `width`.
+        its static cache, prompts left-padded to end at column `width`.
 
         Each distinct prompt runs once (verl sends a prompt's n samples as n requests) and its keys, values and last
         logits are copied to every row that holds it. Prompts run in chunks of `prefill_rows` of similar length,
