@@ -1,7 +1,8 @@
 """The hf rollout backend's generator and server, on the tiny model, without Ray.
 
 Greedy decoding is compared token for token and log-prob for log-prob against unbatched runs and against a
-teacher-forced forward pass: that is what makes rollout log-probs usable as verl's old log-probs.
+teacher-forced forward pass: that is what makes rollout log-probs usable as verl's old log-probs. Sampled decoding
+is compared across batchings: a request's tokens must depend on its key, never on the requests decoded with it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from verl_gq.verl.hf_rollout import HFGenerator, HFRolloutServer, HFServerOptions, SamplingSpec, sample_next_token
+from verl_gq.models.hf_generator import HFGenerator, SamplingSpec
+from verl_gq.models.keyed_sampling import key_tensor, sample_key, sample_tokens
+from verl_gq.verl.hf_rollout import HFRolloutServer, HFServerOptions
 
 PROMPTS = [[1, 40, 41, 42], [1, 50], [1, 60, 61, 62, 63, 64, 65], [1, 70, 71]]
 
@@ -72,11 +75,11 @@ def test_n_samples_per_prompt_and_per_row_max_tokens(generator):
 
 def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(200, 1)
-    tokens, log_probs = sample_next_token(logits, SamplingSpec(max_tokens=1, temperature=1.0, top_k=1))
+    keys, positions = key_tensor([sample_key("nucleus", i) for i in range(200)], "cpu"), torch.zeros(200)
+    tokens, log_probs = sample_tokens(logits, keys, positions, temperature=1.0, top_k=1)
     assert tokens.eq(0).all() and torch.allclose(log_probs, torch.zeros(200))
     probs = logits[0].softmax(-1)  # [0.61, 0.22, 0.14, 0.03]: top_p=0.7 keeps tokens 0 and 1
-    tokens, log_probs = sample_next_token(logits, SamplingSpec(max_tokens=1, temperature=1.0, top_p=0.7),
-                                          torch.Generator().manual_seed(0))
+    tokens, log_probs = sample_tokens(logits, keys, positions, temperature=1.0, top_p=0.7)
     assert set(tokens.tolist()) == {0, 1}
     renormalised = torch.log(probs[:2] / probs[:2].sum())
     assert torch.allclose(log_probs, renormalised[tokens], atol=1e-6), "log-probs are under the truncated distribution"
@@ -127,3 +130,182 @@ def test_server_rejects_unsupported_sampling_params(tiny_model_dir):
         asyncio.run(server.generate([1, 2], {"repetition_penalty": 1.2}, request_id="r"))
     with pytest.raises(ValueError, match="min_p"):
         asyncio.run(server.generate([1, 2], {"min_p": 0.1}, request_id="r"))
+
+
+# --- sampling keys: a request's tokens depend on its key, not on its batch -----------------------------------------
+
+VARIED = [[1, 40, 41, 42], [1, 50], [1, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70], [1, 70, 71], [1, 80, 81, 82, 83]]
+SAMPLED = SamplingSpec(max_tokens=10, temperature=0.8)
+
+
+def test_sampled_tokens_are_the_same_alone_in_any_batch_and_order(generator):
+    """Each prompt sampled alone, in sub-batches (other padding widths) and in reverse order gets the same tokens,
+    and log-probs equal to 1e-5: the model's float32 logits differ in the last bits with a row's place, the batch's
+    size and its padded width (CPU matmul blocking); the sampler itself adds no dependence (test_keyed_sampling)."""
+    keys = [sample_key("varied", i) for i in range(len(VARIED))]
+    together = [g for [g] in generator.generate(VARIED, SAMPLED, keys=keys)]
+    reversed_order = [g for [g] in generator.generate(VARIED[::-1], SAMPLED, keys=keys[::-1])][::-1]
+    for got, want in zip(reversed_order, together):
+        assert got.token_ids == want.token_ids and got.log_probs == pytest.approx(want.log_probs, abs=1e-5)
+    for i, prompt in enumerate(VARIED):
+        [[alone]] = generator.generate([prompt], SAMPLED, keys=[keys[i]])
+        assert alone.token_ids == together[i].token_ids, f"prompt {i} sampled alone drew other tokens"
+        assert alone.log_probs == pytest.approx(together[i].log_probs, abs=1e-5)
+    pairs = generator.generate([VARIED[2], VARIED[1]], SAMPLED, keys=[keys[2], keys[1]])
+    assert [pairs[0][0].token_ids, pairs[1][0].token_ids] == [together[2].token_ids, together[1].token_ids]
+
+
+def test_samples_repeat_with_their_keys_and_change_with_the_seed(tiny_model_dir, generator):
+    first = generator.generate(PROMPTS, SamplingSpec(max_tokens=8, temperature=1.0, n=2))
+    again = generator.generate(PROMPTS, SamplingSpec(max_tokens=8, temperature=1.0, n=2))
+    assert [[g.token_ids for g in p] for p in first] == [[g.token_ids for g in p] for p in again]
+    other_seed = HFGenerator(generator.model, generator.eos_token_ids, generator.pad_token_id, seed=1)
+    other = other_seed.generate(PROMPTS, SamplingSpec(max_tokens=8, temperature=1.0, n=2))
+    assert [[g.token_ids for g in p] for p in other] != [[g.token_ids for g in p] for p in first]
+
+
+def test_static_shapes_and_dropping_stopped_rows_give_the_same_samples(generator, monkeypatch):
+    """The CUDA-graph path's bookkeeping (rows padded to a bucket, buffers reused across calls) and the CPU path's
+    (stopped rows leave the batch) decode the same tokens as the plain loop. The tokens the rows sample most often
+    are made EOS, so that rows stop at different steps and leave the batch in several rounds."""
+    from collections import Counter
+
+    from verl_gq.models import hf_generator
+
+    spec = SamplingSpec(max_tokens=12, temperature=1.0, n=3)
+    probe = generator.generate(PROMPTS, spec)  # the same default keys as below: these tokens will be drawn
+    eos = [token for token, _ in Counter(t for p in probe for g in p for t in g.token_ids).most_common(6)]
+    variants = {name: HFGenerator(generator.model, eos, generator.pad_token_id, **options) for name, options in {
+        "plain": dict(compact_finished_rows=False),
+        "dropping stopped rows": dict(compact_finished_rows=True),
+        "static shapes": dict(static_shapes=True, cache_length=64),
+    }.items()}
+    static = variants["static shapes"]
+    static.generate(VARIED, SamplingSpec(max_tokens=5, temperature=0, n=3))  # 15 rows: the bucket of 16 holds them
+    drops = []
+    keep_rows = hf_generator._DecodeState.keep_rows
+    monkeypatch.setattr(hf_generator._DecodeState, "keep_rows",
+                        lambda state, keep: drops.append(len(keep)) or keep_rows(state, keep))
+    results = {name: v.generate(PROMPTS, spec) for name, v in variants.items()}
+    assert len(drops) >= 2, f"the check needs rows leaving the batch in several rounds, got {drops}"
+    assert any(g.finish_reason == "stop" for p in results["plain"] for g in p)
+    for name, result in results.items():
+        for got, want in zip(result, results["plain"]):
+            assert [g.token_ids for g in got] == [g.token_ids for g in want], f"{name} decoded other tokens"
+            assert [g.finish_reason for g in got] == [g.finish_reason for g in want]
+            for g, w in zip(got, want):
+                assert g.log_probs == pytest.approx(w.log_probs, abs=1e-5)
+    assert list(static._graph_states) == [(16, 64)], "batches of 15 and 12 rows share one bucket (16 rows)"
+
+
+def make_server(tiny_model_dir, **options) -> HFRolloutServer:
+    defaults = dict(model_path=str(tiny_model_dir), dtype="float32", prompt_length=16, response_length=8, seed=41)
+    return HFRolloutServer(HFServerOptions(**{**defaults, **options}))
+
+
+SAMPLING_PARAMS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
+
+
+async def send(server: HFRolloutServer, prompts: list[list[int]], gap_s: float = 0.0, params=SAMPLING_PARAMS):
+    tasks = []
+    for i, prompt in enumerate(prompts):
+        tasks.append(asyncio.create_task(server.generate(prompt, dict(params), request_id=str(i))))
+        await asyncio.sleep(gap_s)
+    return await asyncio.gather(*tasks)
+
+
+def responses_by_prompt(prompts, outputs) -> dict[tuple, list]:
+    """Each prompt's responses, sorted by tokens: [(token ids, log-probs)]."""
+    grouped: dict[tuple, list] = {}
+    for prompt, output in zip(prompts, outputs):
+        grouped.setdefault(tuple(prompt), []).append((output.token_ids, output.log_probs))
+    return {prompt: sorted(samples) for prompt, samples in grouped.items()}
+
+
+def assert_same_responses(got: dict, want: dict, message: str) -> None:
+    """The same prompts with the same token ids; log-probs to 1e-5 (float32 logits differ in their last bits
+    between batch shapes)."""
+    assert {p: [tokens for tokens, _ in samples] for p, samples in got.items()} == \
+        {p: [tokens for tokens, _ in samples] for p, samples in want.items()}, message
+    for prompt, samples in got.items():
+        for (_, log_probs), (_, expected) in zip(samples, want[prompt]):
+            assert log_probs == pytest.approx(expected, abs=1e-5), message
+
+
+async def sync_weights(server: HFRolloutServer, global_steps: int) -> None:
+    await server.update_weights(list(server.generator.model.state_dict().items()))
+    await server.finish_weight_update(global_steps)
+
+
+def test_server_samples_are_reproducible_whatever_the_arrival_order_and_batching(tiny_model_dir):
+    """Two servers of one seed, the same 3 prompts x 4 samples arriving in other orders and batched differently
+    (one batch vs batches of 3) give every prompt the same set of responses; a new step draws new ones; a repeated
+    step the same ones again; another seed other ones."""
+    requests = [p for p in PROMPTS[:3] for _ in range(4)]
+    shuffled = [requests[i] for i in torch.randperm(len(requests), generator=torch.Generator().manual_seed(0))]
+
+    async def run():
+        one_batch, small_batches, other_seed = (make_server(tiny_model_dir), make_server(
+            tiny_model_dir, max_batch_size=3, batch_window_ms=0), make_server(tiny_model_dir, seed=42))
+        for server in (one_batch, small_batches, other_seed):
+            await sync_weights(server, 5)
+        at_5 = await send(one_batch, requests)
+        at_5_shuffled = await send(small_batches, shuffled)
+        at_5_other_seed = await send(other_seed, requests)
+        await sync_weights(one_batch, 6)
+        at_6 = await send(one_batch, requests)
+        await sync_weights(one_batch, 5)
+        at_5_again = await send(one_batch, requests)
+        return one_batch.batch_sizes, small_batches.batch_sizes, at_5, at_5_shuffled, at_5_other_seed, at_6, at_5_again
+
+    sizes_one, sizes_small, at_5, at_5_shuffled, at_5_other_seed, at_6, at_5_again = asyncio.run(run())
+    assert max(sizes_small) <= 3 < max(sizes_one), (sizes_one, sizes_small)
+    assert_same_responses(responses_by_prompt(shuffled, at_5_shuffled), responses_by_prompt(requests, at_5),
+                          "the same seed and step must give each prompt the same responses, whatever the arrival "
+                          "order and batching")
+    assert [o.token_ids for o in at_5_again] == [o.token_ids for o in at_5], "a step's samples must repeat"
+    assert [o.token_ids for o in at_6] != [o.token_ids for o in at_5], "a new step must draw new samples"
+    assert [o.token_ids for o in at_5_other_seed] != [o.token_ids for o in at_5], "another seed, other samples"
+    group = responses_by_prompt(requests, at_5)[tuple(PROMPTS[0])]
+    assert len({tuple(tokens) for tokens, _ in group}) > 1, "a prompt's samples must differ from each other"
+
+
+def test_server_gathers_a_burst_into_one_batch_and_a_later_wave_into_another(tiny_model_dir):
+    """12 requests 20 ms apart (longer in all than the 200 ms window, each gap well inside it) are one batch."""
+    async def run():
+        server = make_server(tiny_model_dir, batch_window_ms=200)
+        await send(server, PROMPTS * 3, gap_s=0.02)
+        await send(server, PROMPTS[:2])
+        return server.batch_sizes
+
+    assert asyncio.run(run()) == [12, 2], "a burst with gaps shorter than batch_window_ms must be one decode batch"
+
+
+def test_server_honours_a_per_request_seed(tiny_model_dir):
+    async def run():
+        server = make_server(tiny_model_dir)
+        seeded = await send(server, [PROMPTS[0]] * 2, params={**SAMPLING_PARAMS, "seed": 7})
+        unseeded = await send(server, [PROMPTS[0]] * 2)
+        return seeded, unseeded
+
+    seeded, unseeded = asyncio.run(run())
+    assert seeded[0].token_ids == seeded[1].token_ids, "one request seed, one draw (as vLLM)"
+    assert unseeded[0].token_ids != unseeded[1].token_ids
+
+
+def test_server_options_name_the_bad_engine_kwarg(tiny_model_dir):
+    from verl.workers.config import RolloutConfig
+
+    def options(**engine_kwargs):
+        config = RolloutConfig(name="hf", tensor_model_parallel_size=1, engine_kwargs={"hf": engine_kwargs})
+        return HFServerOptions.from_verl(config, {"path": str(tiny_model_dir)}, device="cpu", replica_rank=1)
+
+    parsed = options(max_batch_size=64, batch_window_ms=5, cuda_graphs=False, cpu_threads=2)
+    assert (parsed.max_batch_size, parsed.batch_window_ms, parsed.cuda_graphs, parsed.cpu_threads, parsed.seed,
+            parsed.replica_rank) == (64, 5.0, False, 2, 42, 1)
+    with pytest.raises(ValueError, match="batch_windows_ms"):
+        options(batch_windows_ms=5)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        options(max_batch_size=0)
+    with pytest.raises(ValueError, match="cpu_threads"):
+        options(cpu_threads=0)

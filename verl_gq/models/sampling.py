@@ -1,9 +1,11 @@
-"""Sampling answers from a Hugging Face causal LM: batched, left-padded, seeded per batch (no rollout server)."""
+"""Sampling answers from a Hugging Face causal LM: batched, reproducible per answer (no rollout server)."""
 
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from verl_gq.models.hf_generator import HFGenerator, SamplingSpec, default_sample_keys
 
 
 @torch.no_grad()
@@ -11,21 +13,26 @@ def sample_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, p
                    temperature: float, max_new_tokens: int, batch_size: int, seed: int, device: str) -> list[str]:
     """One answer per prompt (temperature 0 = greedy), decoded without special tokens.
 
-    Prompts are sorted by length into batches (left-padded); each batch is seeded by (seed, batch index) so a
-    rerun on the same device reproduces the answers."""
+    Each answer draws with its own key, (seed, prompt, its index among the equal prompts of the list), so it does not
+    depend on batch_size, on the other prompts or on their order (verl_gq.models.keyed_sampling). Prompts are sorted
+    by length into batches of batch_size rows, decoded by HFGenerator."""
     model.to(device).eval()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[str] = [""] * len(prompts)
-    tokenizer.padding_side = "left"
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        torch.manual_seed(seed * 100_003 + b)
-        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
-            else dict(do_sample=False)
-        out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, **sampling)
-        for row, i in enumerate(idx):
-            answers[i] = tokenizer.decode(out[row, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    token_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    keys = default_sample_keys(seed, token_ids, 1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    attention = model.config._attn_implementation  # HFGenerator installs its own; the caller gets theirs back
+    try:
+        # one cache length for all batches: one CUDA graph per batch size
+        generator = HFGenerator(model, [tokenizer.eos_token_id], pad, seed=seed,
+                                cache_length=max(map(len, token_ids)) + max_new_tokens)
+        spec = SamplingSpec(max_tokens=max_new_tokens, temperature=temperature)
+        order = sorted(range(len(prompts)), key=lambda i: len(token_ids[i]))
+        answers: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            results = generator.generate([token_ids[i] for i in batch], spec, keys=[keys[i] for i in batch])
+            for i, [generation] in zip(batch, results):
+                answers[i] = tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+    finally:
+        model.set_attn_implementation(attention)
     return answers

@@ -4,17 +4,28 @@ verl 0.9.1 generates only through server replicas (vllm, sglang, trtllm: verl/wo
 verl/workers/rollout/base.py:89-93); its `HFRollout` (verl/workers/rollout/hf_rollout.py) is unreachable from
 main_ppo. This module provides the three parts a replica backend needs, registered by verl_gq.verl.plugin:
 
-- `HFRolloutServer`: a Ray actor holding the HF model. Concurrent `generate()` requests (one per sample, which is
-  how verl's agent loop calls a server) are collected for `batch_window_ms` or up to `max_batch_size`, left-padded
-  and decoded together with a KV cache by `HFGenerator`.
+- `HFRolloutServer`: a Ray actor holding the HF model. verl's agent loop sends one `generate()` request per sample;
+  the server gathers them until arrivals pause for `batch_window_ms` (or `max_batch_size` wait, or it has gathered
+  for `max_batch_wait_ms`), so one training step's requests are decoded as one batch by `HFGenerator`
+  (verl_gq.models.hf_generator).
 - `HFReplica`: the `RolloutReplica` that starts one server per replica, next to the trainer worker whose GPU it
   shares (CUDA when the platform is cuda, CPU under VERL_PLATFORM=cpu).
 - `HFServerAdapter`: the `BaseRollout` in the trainer worker; it streams the trainer's full weights to the server,
   which copies them into its existing parameters (no model rebuild), then sets the weights' global step.
 
+Reproducibility: each request samples with its own key (verl_gq.models.keyed_sampling), formed by `sample_key_for`
+from the run's seed (rollout.seed), the weights' global step, the replica, the prompt's tokens and the request's
+index among the requests for that prompt since the last weight sync. The request itself names no sample: verl's
+request_id is a fresh uuid4 per request (and its uid a uuid4 per prompt), so identity has to come from content.
+A prompt's n samples are exchangeable: whichever request arrives first gets index 0, which can change which of the
+group's rows holds which response, never the group's set of responses; a GRPO group's advantages and losses do
+not depend on the order of its rows. So the same seed gives the same rollouts whatever the batching and arrival
+order (with one replica: several replicas each number their own arrivals, so the split of a prompt's requests
+between them, chosen by verl's load balancer, enters the keys).
+
 Use it with `actor_rollout_ref.rollout.name=hf`; options under `actor_rollout_ref.rollout.engine_kwargs.hf`
-(max_batch_size, batch_window_ms). Limits: tensor_model_parallel_size=1, text only, the model stays resident
-(sleep/wake_up free nothing), LoRA only with `model.lora.merge=True`.
+(see HFServerOptions). Limits: tensor_model_parallel_size=1, text only, full-attention decoders, the model stays
+resident (sleep/wake_up free nothing), LoRA only with `model.lora.merge=True`.
 """
 
 from __future__ import annotations
@@ -23,14 +34,15 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, TokenOutput
+from verl_gq.models.hf_generator import Generation, HFGenerator, SamplingSpec
+from verl_gq.models.keyed_sampling import sample_key, token_digest
 
 logger = logging.getLogger(__name__)
 
@@ -41,188 +53,25 @@ _KNOWN_SAMPLING_KEYS = {"temperature", "top_p", "top_k", "repetition_penalty", "
                         "max_new_tokens", "n", "stop_token_ids", "ignore_eos", "seed"}
 
 
-@dataclass(frozen=True)
-class SamplingSpec:
-    """One request's sampling: temperature 0 = greedy; top_k <= 0 and top_p = 1 mean off."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    n: int = 1
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-
-    @property
-    def batch_key(self) -> tuple:
-        """Requests with equal keys are decoded in one batch (max_tokens may differ per row)."""
-        return (self.temperature, self.top_p, self.top_k, self.stop_token_ids, self.ignore_eos)
+def sample_key_for(seed: int, global_steps: Optional[int], replica_rank: int, prompt_ids: list[int],
+                   index: int) -> int:
+    """The sampling key of the `index`-th request for this prompt since the weights of `global_steps` arrived."""
+    return sample_key("hf rollout", seed, global_steps, replica_rank, token_digest(prompt_ids), index)
 
 
-@dataclass
-class Generation:
-    """One sampled response: token ids (EOS included when it stopped there) and their log-probs under the
-    sampling distribution after temperature/top-k/top-p (verl's `processed_logprobs`); raw log-probs when greedy."""
-
-    token_ids: list[int]
-    log_probs: list[float]
-    finish_reason: str  # "stop" (EOS or a stop token) or "length"
-
-
-def sample_next_token(
-    logits: torch.Tensor, spec: SamplingSpec, generator: Optional[torch.Generator] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row of `logits` [B, V]; returns (tokens [B], log-probs of those tokens [B])."""
-    logits = logits.float()
-    if spec.temperature == 0:
-        tokens = logits.argmax(dim=-1)
-        return tokens, F.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
-    logits = logits / spec.temperature
-    if 0 < spec.top_k < logits.shape[-1]:
-        kth_largest = logits.topk(spec.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if spec.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass (the top one always stays)
-        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= spec.top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    log_probs = F.log_softmax(logits, dim=-1)
-    tokens = torch.multinomial(log_probs.exp(), 1, generator=generator)[:, 0]
-    return tokens, log_probs.gather(-1, tokens[:, None])[:, 0]
-
-
-class HFGenerator:
-    """Batched token-in/token-out generation with an HF causal LM and a KV cache (no Ray, no verl).
-
-    `generate` left-pads a list of prompts, prefills them in one forward pass and decodes all rows together,
-    each row stopping at EOS/stop tokens or its own max_tokens. `load_weights` copies named tensors into the
-    model's existing parameters and buffers.
-    """
-
-    def __init__(self, model: torch.nn.Module, eos_token_ids: Iterable[int], pad_token_id: int, seed: int = 0):
-        self.model = model.eval()
-        self.device = next(model.parameters()).device
-        self.eos_token_ids = tuple(sorted(set(eos_token_ids)))
-        if not self.eos_token_ids:
-            raise ValueError("the model declares no eos_token_id: generation could never stop early")
-        self.pad_token_id = pad_token_id
-        self.rng = torch.Generator(device=self.device).manual_seed(seed)
-        # every name a trainer may send, tied aliases included (lm_head.weight and embed_tokens.weight share storage)
-        self._tensors_by_name: dict[str, torch.Tensor] = dict(model.state_dict(keep_vars=True))
-
-    @classmethod
-    def from_pretrained(cls, model_path: str, dtype: str = "float32", device: str = "cpu", seed: int = 0,
-                        trust_remote_code: bool = False) -> "HFGenerator":
-        from transformers import AutoModelForCausalLM, GenerationConfig
-
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(dtype) or getattr(torch, dtype)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
-        ).to(device)
-        try:
-            gen_config = GenerationConfig.from_pretrained(model_path)
-        except OSError:
-            gen_config = model.generation_config
-        eos = gen_config.eos_token_id if gen_config.eos_token_id is not None else model.config.eos_token_id
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        pad = gen_config.pad_token_id if gen_config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-        return cls(model, eos_ids, pad, seed=seed)
-
-    @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec,
-                 max_tokens: Optional[list[int]] = None) -> list[list[Generation]]:
-        """Sample `spec.n` responses for each prompt; returns one list of n Generations per prompt.
-
-        `max_tokens` overrides spec.max_tokens per prompt. All rows are decoded in one batch."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        limits = list(max_tokens) if max_tokens is not None else [spec.max_tokens] * len(prompts)
-        rows = [p for p in prompts for _ in range(spec.n)]
-        row_limits = torch.tensor([m for m in limits for _ in range(spec.n)], device=self.device)
-        batch, width = len(rows), max(len(p) for p in rows)
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=self.device)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long, device=self.device)
-        for i, prompt in enumerate(rows):
-            input_ids[i, width - len(prompt):] = torch.tensor(prompt, device=self.device)
-            attention_mask[i, width - len(prompt):] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        stop_ids = torch.tensor(
-            sorted(set(spec.stop_token_ids) | (set() if spec.ignore_eos else set(self.eos_token_ids))) or [-1],
-            device=self.device,
-        )
-
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        tokens_per_step, logps_per_step = [], []
-        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
-        for step in range(int(row_limits.max())):
-            tokens, logps = sample_next_token(out.logits[:, -1, :], spec, self.rng)
-            tokens = tokens.masked_fill(finished, self.pad_token_id)
-            tokens_per_step.append(tokens)
-            logps_per_step.append(logps)
-            lengths += (~finished).long()
-            hit_stop = torch.isin(tokens, stop_ids) & ~finished
-            stopped |= hit_stop
-            finished |= hit_stop | (lengths >= row_limits)
-            if bool(finished.all()):
-                break
-            attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=torch.long, device=self.device)], 1)
-            position_ids = position_ids[:, -1:] + 1
-            out = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True)
-        token_matrix = torch.stack(tokens_per_step, 1).tolist()
-        logp_matrix = torch.stack(logps_per_step, 1).tolist()
-        results = [
-            Generation(token_ids=token_matrix[i][: int(lengths[i])], log_probs=logp_matrix[i][: int(lengths[i])],
-                       finish_reason="stop" if bool(stopped[i]) else "length")
-            for i in range(batch)
-        ]
-        return [results[i * spec.n:(i + 1) * spec.n] for i in range(len(prompts))]
-
-    @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy each (name, tensor) into the model's existing tensor of that name; returns the names copied.
-
-        A name the model does not have, or a shape mismatch, is an error: a silently skipped tensor would
-        leave the rollout on stale weights while the trainer moves on."""
-        copied = set()
-        for name, tensor in named_tensors:
-            target = self._tensors_by_name.get(name)
-            if target is None:
-                raise KeyError(f"weight sync sent {name!r}, which the rollout model does not have "
-                               f"(e.g. {sorted(self._tensors_by_name)[:3]})")
-            if target.shape != tensor.shape:
-                raise ValueError(f"weight sync shape mismatch for {name!r}: rollout {tuple(target.shape)}, "
-                                 f"trainer {tuple(tensor.shape)}")
-            target.data.copy_(tensor, non_blocking=True)
-            copied.add(name)
-        return copied
-
-    def parameter_names_not_covered(self, names: set[str]) -> list[str]:
-        """Parameters none of whose aliases is in `names` (a tied weight counts as covered by either name)."""
-        covered = {id(self._tensors_by_name[n]) for n in names if n in self._tensors_by_name}
-        return sorted(n for n, p in self.model.named_parameters() if id(p) not in covered)
+_ENGINE_KWARGS = ("max_batch_size", "batch_window_ms", "max_batch_wait_ms", "cuda_graphs", "cpu_threads")
 
 
 @dataclass(frozen=True)
 class HFServerOptions:
-    """What an HFRolloutServer needs from verl's rollout and model configs."""
+    """What an HFRolloutServer needs from verl's rollout and model configs.
+
+    From `rollout.engine_kwargs.hf`: `max_batch_size` (rows per decode batch; default min(rollout.max_num_seqs,
+    256)), `batch_window_ms` (decoding starts once no request has arrived for this long; default 50),
+    `max_batch_wait_ms` (or once it has gathered requests for this long; default 1000), `cuda_graphs` (capture the
+    decode step as CUDA graphs; default on with CUDA), `cpu_threads` (torch threads of a CPU server; default 1:
+    a decode step is many small operations, and on a shared machine a thread that loses its core stalls each of
+    them for the others: seen on 2 busy cores, 15 ms steps took 0.4-1.4 s with 2 threads)."""
 
     model_path: str
     dtype: str = "bfloat16"
@@ -231,21 +80,33 @@ class HFServerOptions:
     response_length: int = 512
     max_model_len: Optional[int] = None
     max_batch_size: int = 256
-    batch_window_ms: float = 10.0
+    batch_window_ms: float = 50.0
+    max_batch_wait_ms: float = 1000.0
+    cuda_graphs: Optional[bool] = None
+    cpu_threads: int = 1
     seed: int = 0
+    replica_rank: int = 0
     ignore_eos: bool = False
-    calculate_log_probs: bool = False
     trust_remote_code: bool = False
-    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"rollout.engine_kwargs.hf.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.cpu_threads < 1:
+            raise ValueError(f"rollout.engine_kwargs.hf.cpu_threads must be >= 1, got {self.cpu_threads}")
+        if self.batch_window_ms < 0 or self.max_batch_wait_ms < 0:
+            raise ValueError("rollout.engine_kwargs.hf.batch_window_ms and max_batch_wait_ms must be >= 0, got "
+                             f"{self.batch_window_ms} and {self.max_batch_wait_ms}")
 
     @classmethod
     def from_verl(cls, config: Any, model_config: Any, device: str, replica_rank: int = 0) -> "HFServerOptions":
         engine_kwargs = dict((config.engine_kwargs or {}).get(ROLLOUT_NAME, None) or {})
-        unknown = set(engine_kwargs) - {"max_batch_size", "batch_window_ms"}
+        unknown = set(engine_kwargs) - set(_ENGINE_KWARGS)
         if unknown:
             raise ValueError(f"unknown rollout.engine_kwargs.hf keys {sorted(unknown)}; "
-                             "known: max_batch_size, batch_window_ms")
+                             f"known: {', '.join(_ENGINE_KWARGS)}")
         get = model_config.get if hasattr(model_config, "get") else (lambda k, d=None: getattr(model_config, k, d))
+        cuda_graphs = engine_kwargs.get("cuda_graphs")
         return cls(
             model_path=get("local_path", None) or get("path"),
             dtype=config.dtype,
@@ -254,8 +115,12 @@ class HFServerOptions:
             response_length=config.response_length,
             max_model_len=config.max_model_len,
             max_batch_size=int(engine_kwargs.get("max_batch_size", min(config.max_num_seqs, 256))),
-            batch_window_ms=float(engine_kwargs.get("batch_window_ms", 10.0)),
-            seed=config.seed + replica_rank,
+            batch_window_ms=float(engine_kwargs.get("batch_window_ms", 50.0)),
+            max_batch_wait_ms=float(engine_kwargs.get("max_batch_wait_ms", 1000.0)),
+            cuda_graphs=None if cuda_graphs is None else bool(cuda_graphs),
+            cpu_threads=int(engine_kwargs.get("cpu_threads", 1)),
+            seed=config.seed,
+            replica_rank=replica_rank,
             ignore_eos=config.ignore_eos,
             trust_remote_code=bool(get("trust_remote_code", False)),
         )
@@ -265,6 +130,7 @@ class HFServerOptions:
 class _Request:
     prompt_ids: list[int]
     spec: SamplingSpec
+    key: int
     future: asyncio.Future
 
 
@@ -275,13 +141,20 @@ class HFRolloutServer:
 
     def __init__(self, options: HFServerOptions):
         if options.device == "cpu":
-            torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+            torch.set_num_threads(options.cpu_threads)
         self.options = options
-        self.generator = HFGenerator.from_pretrained(options.model_path, dtype=options.dtype, device=options.device,
-                                                     seed=options.seed, trust_remote_code=options.trust_remote_code)
+        graphs = options.cuda_graphs if options.cuda_graphs is not None else options.device == "cuda"
+        self.generator = HFGenerator.from_pretrained(
+            options.model_path, dtype=options.dtype, device=options.device, seed=options.seed,
+            trust_remote_code=options.trust_remote_code, cuda_graphs=graphs,
+            # one cache length for every batch, so that one CUDA graph per batch size serves them all
+            cache_length=options.prompt_length + options.response_length if graphs else None,
+        )
         self.max_model_len = options.max_model_len or self.generator.model.config.max_position_embeddings
         self.global_steps: Optional[int] = None
         self._pending: list[_Request] = []
+        self._last_arrival = 0.0
+        self._arrivals: dict[str, int] = {}  # requests per prompt since the last weight sync: the sample index
         self._batcher: Optional[asyncio.Task] = None
         self._model_lock: Optional[asyncio.Lock] = None  # created lazily inside the actor's event loop
         self._gate_open: Optional[asyncio.Event] = None
@@ -289,6 +162,7 @@ class HFRolloutServer:
         self._synced_names: set[str] = set()
         self.batch_sizes: list[int] = []  # rows per decode batch since the last weight sync
         self.decode_seconds = 0.0
+        self.gather_seconds = 0.0
 
     def _loop_state(self) -> tuple[asyncio.Lock, asyncio.Event]:
         if self._model_lock is None:
@@ -336,8 +210,16 @@ class HFRolloutServer:
             if self._rejecting:
                 return TokenOutput(token_ids=[], stop_reason="aborted", extra_fields={"global_steps": self.global_steps})
             await gate_open.wait()
+        if sampling_params.get("seed") is not None:  # vLLM's per-request seed: the same seed, the same draws
+            key = sample_key("request seed", int(sampling_params["seed"]))
+        else:
+            digest = token_digest(prompt_ids)
+            index = self._arrivals.get(digest, 0)
+            self._arrivals[digest] = index + 1
+            key = sample_key_for(self.options.seed, self.global_steps, self.options.replica_rank, prompt_ids, index)
         future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(prompt_ids, spec, future))
+        self._pending.append(_Request(prompt_ids, spec, key, future))
+        self._last_arrival = time.monotonic()
         if self._batcher is None or self._batcher.done():
             self._batcher = asyncio.create_task(self._run_batches())
         generation: Optional[Generation] = await future
@@ -350,20 +232,37 @@ class HFRolloutServer:
             extra_fields={"global_steps": self.global_steps},
         )
 
+    async def _wait_for_arrivals_to_pause(self) -> None:
+        """Return once no request has arrived for batch_window_ms, max_batch_size requests wait, or this wait has
+        lasted max_batch_wait_ms. verl's agent loop sends a step's requests in one burst, so this gathers the whole
+        step into one batch without knowing how many requests the step has."""
+        window, deadline = self.options.batch_window_ms / 1000, time.monotonic() + self.options.max_batch_wait_ms / 1000
+        while len(self._pending) < self.options.max_batch_size:
+            now = time.monotonic()
+            wake = min(self._last_arrival + window, deadline)
+            if now >= wake:
+                return
+            await asyncio.sleep(wake - now)
+
     async def _run_batches(self) -> None:
         model_lock, _ = self._loop_state()
         while self._pending:
-            await asyncio.sleep(self.options.batch_window_ms / 1000)
-            key = self._pending[0].spec.batch_key
-            batch = [r for r in self._pending if r.spec.batch_key == key][: self.options.max_batch_size]
+            start = time.perf_counter()
+            await self._wait_for_arrivals_to_pause()
+            self.gather_seconds += time.perf_counter() - start
+            if not self._pending:  # aborted meanwhile
+                return
+            spec_key = self._pending[0].spec.batch_key
+            batch = [r for r in self._pending if r.spec.batch_key == spec_key][: self.options.max_batch_size]
             taken = {id(r) for r in batch}
             self._pending = [r for r in self._pending if id(r) not in taken]
+            batch.sort(key=lambda r: r.key)  # the same requests make the same batch, whatever their arrival order
             async with model_lock:
                 start = time.perf_counter()
                 try:
                     results = await asyncio.to_thread(
                         self.generator.generate, [r.prompt_ids for r in batch], batch[0].spec,
-                        [r.spec.max_tokens for r in batch],
+                        [r.spec.max_tokens for r in batch], [r.key for r in batch],
                     )
                 except Exception as error:  # noqa: BLE001 - handed to every waiting request
                     for r in batch:
@@ -387,9 +286,9 @@ class HFRolloutServer:
         """End of one sync: every parameter must have been sent (else the rollout runs on stale weights)."""
         if self.batch_sizes:  # one line per training step: how well requests were batched, and decode time
             print(f"hf rollout (weights of step {self.global_steps}): {sum(self.batch_sizes)} responses in "
-                  f"{len(self.batch_sizes)} batches (largest {max(self.batch_sizes)}), decode {self.decode_seconds:.2f} s",
-                  flush=True)
-            self.batch_sizes, self.decode_seconds = [], 0.0
+                  f"{len(self.batch_sizes)} batches (largest {max(self.batch_sizes)}), waiting for requests "
+                  f"{self.gather_seconds:.2f} s, decode {self.decode_seconds:.2f} s", flush=True)
+            self.batch_sizes, self.decode_seconds, self.gather_seconds = [], 0.0, 0.0
         missing = self.generator.parameter_names_not_covered(self._synced_names)
         self._synced_names = set()
         if missing:
@@ -398,8 +297,11 @@ class HFRolloutServer:
             torch.cuda.synchronize()
         if global_steps is not None:
             self.global_steps = global_steps
+        self._arrivals = {}  # new weights: sample indices start again
 
     async def set_global_steps(self, global_steps: int) -> None:
+        if global_steps != self.global_steps:
+            self._arrivals = {}
         self.global_steps = global_steps
 
     async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False) -> dict:
@@ -475,6 +377,9 @@ class HFReplica(RolloutReplica):
             # The server takes no Ray GPU of its own (the trainer worker holds it); pin it to that worker's GPU.
             env_vars = {"CUDA_VISIBLE_DEVICES": ",".join(accelerator_ids), "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
         options = HFServerOptions.from_verl(self.config, self.model_config, device=device, replica_rank=self.replica_rank)
+        if self.replica_rank == 1:  # once per run with several replicas
+            logger.warning("hf rollout: several replicas number their requests separately and verl's load balancer "
+                           "picks the replica, so rollouts repeat from the seed per sample only with one replica")
         server = ray.remote(HFRolloutServer).options(
             name=name,
             num_cpus=0,
