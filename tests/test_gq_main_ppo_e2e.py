@@ -75,8 +75,10 @@ def runs(workspace, run_main_ppo) -> dict:
     logs = {}
     for run, recipes, steps, leetcode in (
             ("route2b", "recipes/route2b,recipes/held_out_modes,recipes/cpu_tiny", 2, True),
-            # the organism on CPU (4 prompts x 4 samples a step), 8 held-out prompts x 1 sample
-            ("vanilla", "recipes/organism_vanilla,recipes/organism_cpu", 2, False)):
+            # the organism on CPU (4 prompts x 4 samples a step), 8 held-out prompts x 1 sample; vanilla and route2b
+            # with the same seed, which must train the same model
+            ("vanilla", "recipes/organism_vanilla,recipes/organism_cpu", 2, False),
+            ("organism_route2b", "recipes/organism_route2b,recipes/organism_cpu", 2, False)):
         env = {**ws["env"], "VERL_FILE_LOGGER_PATH": str(ws["tmp"] / f"{run}_step_metrics.jsonl")}
         small = [] if leetcode else ["actor_rollout_ref.rollout.val_kwargs.n=1"]
         logs[run] = run_main_ppo([f"+recipe=[{recipes}]", *common(ws, run, steps, leetcode), *small], env, ws["tmp"],
@@ -112,6 +114,20 @@ def test_route2b_recipe_logs_routing_and_per_mode_reward_metrics_every_step(work
         assert per_mode and per_mode <= set(MODES), f"hack should be logged by the batch's modes, got {per_mode}"
     vanilla = step_metrics(workspace, "vanilla")
     assert all(not k.startswith("actor/gq/") for m in vanilla for k in m), "vanilla routes nothing and logs no gate"
+
+
+@pytest.mark.slow
+def test_a_run_with_a_router_trains_the_model_vanilla_trains(workspace, runs):
+    """Same seed, organism_vanilla against organism_route2b: step 1 samples from the base (the same rollouts, each
+    sample's randomness keyed by seed, step, prompt and index), and step 2 from the knobs after one update, which
+    the conserving optimizer makes vanilla's whatever route2b quarantined: step 2's rollouts, so their reward, hack
+    and solve rates, are the same."""
+    vanilla, routed = step_metrics(workspace, "vanilla"), step_metrics(workspace, "organism_route2b")
+    assert any(k.startswith("actor/gq/route2b/") for k in routed[0]), "route2b routed"
+    for step in (0, 1):
+        for key in ("critic/score/mean", "train/hack/all", "train/solve/all", "response_length/mean"):
+            assert routed[step][key] == vanilla[step][key], \
+                f"step {step + 1}: {key} {routed[step][key]} (route2b) vs {vanilla[step][key]} (vanilla)"
 
 
 @pytest.mark.slow
