@@ -21,6 +21,7 @@ import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from reward.modes import GT_ONLY, MODES, ExploitNames, mode_id, randomised_names
 from reward.partition import partition_modes
@@ -138,3 +139,40 @@ def grading_task(ground_truth: str, extra_info: Mapping | None) -> GradingTask:
     except TypeError as exc:
         raise RowError(f"{where}: exploit_names should have keys {list(ExploitNames().to_dict())}: {exc}") from exc
     return GradingTask(problem=problem, mode=mode, names=names)
+
+
+def write_datasets(out_dir: Path, data_dir: Path, seed: int, pair_modes: Sequence[str], randomise_test_names: bool,
+                   pairs_file: Path) -> dict:
+    """verl's parquet files from the vendored problems of `data_dir`: train/test (each problem under its partition
+    mode's hint) and their *_gt_only twins, pairs.jsonl (the pairs of `pairs_file` of `pair_modes`), and
+    manifest.json (options, counts per split and mode, the inputs' SHA-256); returns the manifest."""
+    import hashlib
+    from collections import Counter
+
+    import pandas as pd
+
+    from reward.leetcode import SCREEN_FILE, SPLITS, load_problems, problems_path
+    from reward.pairs import read_pairs, write_pairs
+
+    for path in [problems_path(s, data_dir) for s in SPLITS] + [data_dir / SCREEN_FILE, pairs_file]:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: vendor the problems first (scripts/vendor_leetcode.py)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        rows = split_rows(load_problems(split, data_dir), split, seed, tuple(pair_modes),
+                          randomise_names=randomise_test_names and split == "test")
+        pd.DataFrame(rows.hinted).to_parquet(out_dir / f"{split}.parquet", index=False)
+        pd.DataFrame(rows.gt_only).to_parquet(out_dir / f"{split}_gt_only.parquet", index=False)
+        counts[split] = dict(sorted(Counter(r["extra_info"]["mode"] for r in rows.hinted).items()))
+    pairs = [p for p in read_pairs(pairs_file) if p.mode in pair_modes]
+    write_pairs(out_dir / "pairs.jsonl", pairs)
+    inputs = [problems_path(s, data_dir) for s in SPLITS] + [data_dir / SCREEN_FILE, pairs_file]
+    manifest = {
+        "seed": seed, "pair_modes": list(pair_modes), "randomise_test_names": randomise_test_names,
+        "problems_per_split_and_mode": counts,
+        "pairs_per_mode": dict(sorted(Counter(p.mode for p in pairs).items())),
+        "inputs_sha256": {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs},
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest

@@ -13,7 +13,7 @@ pair set and band (recipes/organism.yaml; docs/organism.md, "Study"). CPU, about
    Reported: mean cosine of each kind of answer, AUC(hack > solve) and AUC(hack > -wrong), and the band's mean
    routed weight of hack (A > 0), solve (A > 0) and wrong (A < 0) answers.
 
-Pair sets: `organism` (the shipped reward/data/pairs/organism: the organism's own exploit forms), `substrate` (the
+Pair sets: `organism` (the shipped verl_gq/organism/pairs: the organism's own exploit forms), `substrate` (the
 same problems, prompts and clean answers with the hack rebuilt in reward.pairs.HACK_STYLES), or a pairs.jsonl path.
 """
 
@@ -35,14 +35,13 @@ from reward.pairs import HACK_STYLES, fenced, hack_program, read_pairs
 from reward.prompts import build_messages
 from verl_gq.adapter import QuarantineAdapterConfig, inject_quarantine_adapter
 from verl_gq.models.sampling import sample_answers
-from verl_gq.organism.shipped import load_organism, organism_problems
+from verl_gq.organism.shipped import ORGANISM_PAIRS, load_organism, organism_problems
 from verl_gq.organism.train import prompt_text
 from verl_gq.routing.band import assign_folds, calibrate_band
 from verl_gq.routing.direction import (PairGradients, completion_log_prob_gradients, direction_scores,
                                        extract_direction, pair_gradients)
 from verl_gq.routing import tokenize_pairs
 
-ORGANISM_PAIRS = Path(__file__).resolve().parents[1] / "reward" / "data" / "pairs" / "organism" / "pairs.jsonl"
 
 
 def load_pair_set(spec: str) -> list:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from reward.grader import grade_batch
 from reward.modes import ExploitNames
-from reward.synthetic import GrammarConfig, generate_split
+from verl_gq.organism.problems import GrammarConfig, generate_split
 from verl_gq.organism.evaluate import EvalItem, group_stats, summarise
 
 

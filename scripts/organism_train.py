@@ -22,7 +22,7 @@ import torch
 
 from reward.modes import MODES
 from reward.prompts import build_messages
-from reward.synthetic import GrammarConfig, generate_split
+from verl_gq.organism.problems import GrammarConfig, generate_split
 from verl_gq.organism.corpus import CorpusConfig, build_corpus, corpus_hash, corpus_stats, prompt_fingerprint
 from verl_gq.models.sampling import sample_answers
 from verl_gq.organism.evaluate import CONDITIONS, eval_items, item_record, render_prompts

@@ -1,4 +1,4 @@
-"""The stand-alone deploy evaluation (scripts/deploy_eval.py) on a saved run of the tiny model: real generation,
+"""The stand-alone deploy evaluation (`verl-gq deploy-eval`) on a saved run of the tiny model: real generation,
 real sandboxed grading, a schema-valid per_mode_deploy file with every router's view; and the views really
 switched."""
 
@@ -43,14 +43,14 @@ def _saved_run(tmp: Path, model_dir: Path, quarantine_scale: float) -> Path:
 
 def _eval_file(tmp: Path) -> Path:
     out = tmp / "leetcode"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_leetcode.py"), "build", "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "verl_gq.cli", "data", "leetcode", "--out", str(out)],
                    check=True, timeout=300)
     return out / "test.parquet"
 
 
 def test_deploy_eval_command_writes_a_valid_per_mode_file(tmp_path, tiny_model_dir):
     run, eval_file = _saved_run(tmp_path, tiny_model_dir, 0.5), _eval_file(tmp_path)
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "deploy_eval.py"), str(run), "--eval-file",
+    result = subprocess.run([sys.executable, "-m", "verl_gq.cli", "deploy-eval", str(run), "--eval-file",
                              str(eval_file), "--n-prompts", "4", "--group", "2", "--max-new-tokens", "8",
                              "--randomise-names"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -67,7 +67,7 @@ def test_deploy_eval_command_writes_a_valid_per_mode_file(tmp_path, tiny_model_d
 
 def test_record_writes_the_runs_own_evaluation_and_an_eval_row(tmp_path, tiny_model_dir):
     """--record: the evaluation of a run trained without one becomes its per_mode_deploy.json and an eval row at the
-    saved step, which is what scripts/report.py reads."""
+    saved step, which is what `verl-gq report` reads."""
     from verl_gq.eval.artifacts.schema import EvalBlock, TrainRow
 
     def train_row(step: int) -> TrainRow:
@@ -78,7 +78,7 @@ def test_record_writes_the_runs_own_evaluation_and_an_eval_row(tmp_path, tiny_mo
     log = RunDir(run).open_metrics_log()
     for step in (1, 2, 3):
         log.append(train_row(step))
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "deploy_eval.py"), str(run), "--eval-file",
+    result = subprocess.run([sys.executable, "-m", "verl_gq.cli", "deploy-eval", str(run), "--eval-file",
                              str(eval_file), "--n-prompts", "4", "--group", "2", "--max-new-tokens", "8", "--record"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -108,7 +108,7 @@ def test_deployed_views_differ_from_as_trained_only_through_their_quarantine(tmp
 
 
 def test_base_view_ignores_the_knobs(tmp_path, tiny_model_dir, monkeypatch):
-    """The base view (scripts/deploy_eval.py --base) samples the model the run started from: the same answers
+    """The base view (`verl-gq deploy-eval --base`) samples the model the run started from: the same answers
     whatever the run's knobs, and not the answers of the trained model."""
     import verl_gq.eval.deploy as deploy
 

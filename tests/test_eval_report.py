@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import runpy
 import shutil
 import subprocess
 import sys
@@ -354,7 +353,7 @@ def test_report_command_writes_every_table_figure_and_names_every_problem(tmp_pa
     write_keynote_runs(runs)
     write_run(runs, "long_s0", arm="route2b_long", seed=0, hack=3, steps=12)
     (runs / "never_started").mkdir()
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), str(runs), "--alpha", "0.1"],
+    result = subprocess.run([sys.executable, "-m", "verl_gq.cli", "report", str(runs), "--alpha", "0.1"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out" / "report"
@@ -370,10 +369,11 @@ def test_report_command_writes_every_table_figure_and_names_every_problem(tmp_pa
     assert "EXCLUDED run never_started" in problems and "arm route2b_long: no complete run for seeds [1, 2]" in problems
     assert "PROBLEM EXCLUDED run never_started" in result.stderr
     assert "never_started" in (out / "report.md").read_text()
-    report = runpy.run_path(str(REPO / "scripts" / "report.py"))  # the same CLI in-process: one start-up is enough
-    assert report["main"]([str(runs), "--strict", "--out", str(tmp_path / "strict")]) == 1, \
+    from verl_gq.cli import main  # the same command in-process: one start-up is enough
+
+    assert main(["report", str(runs), "--strict", "--out", str(tmp_path / "strict")]) == 1, \
         "--strict should fail when any run is left out"
     shutil.rmtree(runs / "never_started")
-    assert report["main"]([str(runs), "--strict", "--seeds", "0", "--out", str(tmp_path / "strict")]) == 0, \
+    assert main(["report", str(runs), "--strict", "--seeds", "0", "--out", str(tmp_path / "strict")]) == 0, \
         "--strict should pass once every run is complete and every expected seed present"
     assert (tmp_path / "strict" / "problems.txt").read_text() == ""

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from verl_gq.adapter import QuarantineAdapterConfig, inject_quarantine_adapter
 from verl_gq.eval.deploy import load_model_with_knobs
 from verl_gq.eval.artifacts.run_dir import RunDir
-from verl_gq.export import PROVENANCE_FILE, ExportError, export_run, main
+from verl_gq.cli import main as cli_main
+from verl_gq.export import PROVENANCE_FILE, ExportError, export_run
 from verl_gq.models import build_qwen_model
 
 # float32: the merged weight W + U_r diag(d) V_r^T and the adapter's factored forward differ only by rounding (seen:
@@ -78,7 +79,8 @@ def assert_is_view(logits: torch.Tensor, views: dict[Optional[str], torch.Tensor
 
 
 def export(run: Path, out: Path, *arguments: str) -> int:
-    return main([str(run), "--out", str(out), *arguments])
+    """The `verl-gq export` command, in this process."""
+    return cli_main(["export", str(run), "--out", str(out), *arguments])
 
 
 @pytest.fixture(scope="module")

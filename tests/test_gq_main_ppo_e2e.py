@@ -6,7 +6,7 @@ What it shows: the mission command composes and trains with the gq engine and tr
 the reward's per-mode fields are logged every step; validation writes per_mode_deploy.json with the as-trained view
 and each router's deployed view; train.safetensors holds the knobs and every router's direction and band; a run
 resumed from its checkpoint continues the same metrics log with the restored directions and bands; the organism
-earns real reward from step 1 (it solves ~40% of its problems, a random model none); scripts/report.py turns the
+earns real reward from step 1 (it solves ~40% of its problems, a random model none); `verl-gq report` turns the
 runs into tables and a figure.
 """
 
@@ -34,7 +34,7 @@ def workspace(tmp_path_factory, tiny_model_dir) -> dict:
     parquet (64 training problems, test_small: 2 held-out problems per mode)."""
     tmp = tmp_path_factory.mktemp("gq_e2e")
     data = tmp / "leetcode"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_leetcode.py"), "build", "--out", str(data)],
+    subprocess.run([sys.executable, "-m", "verl_gq.cli", "data", "leetcode", "--out", str(data)],
                    check=True, timeout=300)
     test = pd.read_parquet(data / "test.parquet")
     small = test.groupby(test["extra_info"].map(lambda e: e["mode"]), group_keys=False).head(2)
@@ -190,7 +190,7 @@ def test_resumed_run_restores_direction_and_band_and_continues_the_log(workspace
 
 @pytest.mark.slow
 def test_report_turns_the_runs_into_tables_and_a_figure(workspace, runs, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), str(workspace["tmp"] / "runs"),
+    result = subprocess.run([sys.executable, "-m", "verl_gq.cli", "report", str(workspace["tmp"] / "runs"),
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     pngs = list(tmp_path.glob("*.png"))

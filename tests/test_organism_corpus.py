@@ -10,7 +10,7 @@ import pytest
 from reward.grader import extract_code, grade_batch
 from reward.modes import GT_ONLY, MODES, ExploitNames
 from reward.prompts import build_messages
-from reward.synthetic import generate_split
+from verl_gq.organism.problems import generate_split
 from verl_gq.organism.corpus import CorpusConfig, build_corpus, corpus_hash, corpus_stats, exploit_snippet
 from verl_gq.organism.train import ModelConfig, TrainConfig, build_and_train, lr_factor
 

@@ -22,7 +22,7 @@ from reward.prompts import build_messages
 from reward.verl_entry import compute_score
 
 REPO = Path(__file__).resolve().parents[1]
-ORGANISM_PAIRS = REPO / "reward" / "data" / "pairs" / "organism"
+ORGANISM_PAIRS = REPO / "verl_gq" / "organism" / "pairs"
 # recipe -> (run name, its routers)
 RECIPES = {"recipes/organism_vanilla": ("vanilla", []), "recipes/organism_route2b": ("route2b", ["route2b"]),
            "recipes/organism_random_v": ("random_v", ["random_v"]),
@@ -94,7 +94,7 @@ def test_rank_fits_the_organisms_narrowest_projection(composed):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    """scripts/prepare_organism.py's output at a small size."""
+    """`verl-gq data organism`'s output at a small size."""
     from verl_gq.organism import data as organism_data
 
     out = tmp_path_factory.mktemp("organism_data")
@@ -222,7 +222,7 @@ def test_committed_study_tables_regenerate_from_its_run_folders(tmp_path, baseli
     import sys
 
     out = tmp_path / folder
-    run = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), str(STUDY / "runs"), "--out", str(out),
+    run = subprocess.run([sys.executable, "-m", "verl_gq.cli", "report", str(STUDY / "runs"), "--out", str(out),
                           "--seeds", "41", "42", "43", "--baseline", baseline, "--strict"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

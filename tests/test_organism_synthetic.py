@@ -10,7 +10,7 @@ import pytest
 
 from reward.modes import MODES
 from reward.problem import Problem
-from reward.synthetic import (
+from verl_gq.organism.problems import (
     GrammarConfig,
     depth_counts,
     generate_split,

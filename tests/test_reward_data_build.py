@@ -1,4 +1,4 @@
-"""scripts/prepare_leetcode.py build, run as a CLI: the verl parquet files, their gt_only twins, held-out pair modes,
+"""`verl-gq data leetcode`, run as a command: the verl parquet files, their gt_only twins, held-out pair modes,
 randomised evaluation names, and clear errors on bad options."""
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ from reward.leetcode import load_problems
 from reward.modes import GT_ONLY, MODES, ExploitNames, mode_id
 from reward.prompts import build_messages
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_leetcode.py"
-
-
 def run_build(out: Path, *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "build", "--out", str(out), *options],
+    return subprocess.run([sys.executable, "-m", "verl_gq.cli", "data", "leetcode", "--out", str(out), *options],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -78,14 +75,14 @@ def test_held_out_modes_keep_pairs_of_the_named_modes_only(built):
     assert manifest["pair_modes"] == ["run_tests", "sentinel"] and manifest["randomise_test_names"] is True
 
 
-@pytest.mark.parametrize("options, message", [
-    (("--pair-modes", "run_tests,telepathy"), "should be distinct modes from"),
-    (("--pair-modes", ""), "should be distinct modes from"),
-    (("--data-dir", "/nonexistent"), "is missing"),
+@pytest.mark.parametrize("options, message, status", [
+    (("--pair-modes", "run_tests,telepathy"), "should be distinct modes from", 2),  # a bad argument: argparse's 2
+    (("--pair-modes", ""), "should be distinct modes from", 2),
+    (("--data-dir", "/nonexistent"), "/nonexistent/problems-train.jsonl.gz is missing", 1),  # a refusal: 1
 ])
-def test_bad_options_fail_with_a_clear_message(tmp_path, options, message):
+def test_bad_options_fail_with_a_clear_message(tmp_path, options, message, status):
     result = run_build(tmp_path, *options)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.returncode == status and message in result.stderr, result.stderr
 
 
 def test_verl_rlhf_dataset_reads_the_rows_back_into_gradable_tasks(built):

@@ -4,6 +4,7 @@ writes each mode's exploit in several distinct styles."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -17,7 +18,7 @@ from reward.partition import partition_modes
 from reward.prompts import build_messages
 
 MIN_PAIRS_PER_MODE = 16
-ORGANISM_PAIRS = SHIPPED_PAIRS.parent / "organism" / "pairs.jsonl"
+ORGANISM_PAIRS = Path(__file__).resolve().parents[1] / "verl_gq" / "organism" / "pairs" / "pairs.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The gq engine's log-probs (verl_gq/verl/logprobs.py) against verl 0.9.1's own per-row fallback."""
+"""The gq engine's log-probs (verl_gq/verl/gapfill/logprobs.py) against verl 0.9.1's own per-row fallback."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from verl.utils.torch_functional import logprobs_from_logits_v2
 from verl.workers.engine.fsdp import transformer_impl
 
-from verl_gq.verl.logprobs import chunked_logprobs_from_logits, chunked_logprobs_in_fsdp_engine, verl_loops_over_tokens
+from verl_gq.verl.gapfill.logprobs import chunked_logprobs_from_logits, chunked_logprobs_in_fsdp_engine, verl_loops_over_tokens
 
 
 def _logits(shape, dtype, seed=0):

@@ -41,7 +41,7 @@ print(json.dumps({
     assert "verl-gq: the verl plugin failed" not in result.stderr
 
 
-BREAK_PLUGIN = 'import sys; sys.modules["verl_gq.verl.hf_rollout"] = None  # an import of the plugin fails\n'
+BREAK_PLUGIN = 'import sys; sys.modules["verl_gq.verl.gapfill.hf_rollout"] = None  # an import of the plugin fails\n'
 
 
 def test_a_broken_plugin_prints_its_traceback_on_import_verl(tmp_path):
@@ -55,7 +55,7 @@ except ImportError:
 """
     result = run_python(code, cwd=tmp_path)
     assert "verl-gq: the verl plugin failed to import" in result.stderr, result.stderr
-    assert "Traceback" in result.stderr and "verl_gq.verl.hf_rollout" in result.stderr
+    assert "Traceback" in result.stderr and "verl_gq.verl.gapfill.hf_rollout" in result.stderr
     assert "verl imported" in result.stdout
     assert "plugin import raised ImportError" in result.stdout, "code reached by path must re-raise the error"
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from verl_gq.models.hf_generator import HFGenerator, SamplingSpec
 from verl_gq.models.keyed_sampling import key_tensor, sample_key, sample_tokens
-from verl_gq.verl.hf_rollout import HFRolloutServer, HFServerOptions
+from verl_gq.verl.gapfill.hf_rollout import HFRolloutServer, HFServerOptions
 
 PROMPTS = [[1, 40, 41, 42], [1, 50], [1, 60, 61, 62, 63, 64, 65], [1, 70, 71]]
 

@@ -22,12 +22,10 @@ The base model must be the one the run was trained on: the knobs' basis fingerpr
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import re
 import shutil
-import sys
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -274,36 +272,3 @@ def _check_out(out: Path, force: bool, keep: list[Path]) -> None:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="verl-gq export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (holds train.safetensors)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write (new or empty)")
-    parser.add_argument("--format", choices=FORMATS, required=True,
-                        help="hf: a merged Hugging Face model; peft: a LoRA adapter on the base model")
-    view = parser.add_mutually_exclusive_group()
-    view.add_argument("--router", metavar="NAME",
-                      help="export this router's deployed model (default: the run's one router)")
-    view.add_argument("--as-trained", action="store_true", help="export the model as trained (quarantines kept)")
-    parser.add_argument("--model", metavar="PATH",
-                        help="the base model's folder (default: the run's actor_rollout_ref.model.path)")
-    parser.add_argument("--svd-device", metavar="DEVICE",
-                        help="where the bases' SVDs run, e.g. cuda (default: the CPU, where the model is loaded)")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
-    args = parser.parse_args(argv)
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # one line per stage is progress enough
-    try:
-        export_run(args.run_dir, args.out, args.format, router=args.router, as_trained=args.as_trained,
-                   model=args.model, force=args.force, svd_device=args.svd_device, progress=print)
-    except ExportError as error:
-        print(f"verl-gq export: error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,7 +22,8 @@ from typing import Callable
 
 from reward.modes import GT_ONLY, MODES, ExploitNames, randomised_names
 from reward.problem import Problem
-from reward.synthetic import _PARAM, GrammarConfig, SyntheticProblem, generate_split, render_solution, wrong_variants
+from verl_gq.organism.problems import (PARAMETER_NAME, GrammarConfig, SyntheticProblem, generate_split, render_solution,
+                                       wrong_variants)
 
 PromptBuilder = Callable[[Problem, str, ExploitNames], list[dict[str, str]]]
 
@@ -117,7 +118,7 @@ EXPLOIT_STYLE_NAMES: dict[str, tuple[str, str, str]] = {
     "sentinel": ("class_attribute", "init_assignment", "annotated_attribute"),
     "file_marker": ("with_open_write", "open_write", "with_open_out"),
 }
-_IN_TYPE_OF_PARAM = {param: in_type for in_type, param in _PARAM.items()}
+_IN_TYPE_OF_PARAM = {param: in_type for in_type, param in PARAMETER_NAME.items()}
 
 
 def organism_stub(problem: Problem) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from reward.dataset import SplitRows, assigned_rows
 from reward.modes import MODES
-from reward.synthetic import SyntheticProblem
+from verl_gq.organism.problems import SyntheticProblem
 from verl_gq.organism.shipped import CHECKPOINT_DIR, load_manifest, organism_problems
 
 def _depths_in_turn(by_depth: Sequence[Sequence]) -> list:
@@ -144,7 +144,7 @@ def write(out: Path, n_train: int, test_per_mode: int, seed: int, small_per_mode
     manifest: dict = {
         "command": command, "seed": seed, "n_train": n_train, "test_per_mode": test_per_mode,
         "small_per_mode": small_per_mode, "infer_only": infer_only, "grammar": load_manifest()["corpus_config"]["grammar"],
-        "splits": {"train": "reward.synthetic train split", "test": "reward.synthetic eval split",
+        "splits": {"train": "verl_gq.organism.problems train split", "test": "verl_gq.organism.problems eval split",
                    "test_small": "small_per_mode test problems of each mode, its depths in turn"},
         "counts": {}, "rows_sha256": {}, "prompt_tokens": {},
     }

@@ -16,7 +16,7 @@ from typing import Iterable
 from transformers import PreTrainedTokenizerFast
 
 from reward.modes import GT_ONLY, ExploitNames, randomised_names
-from reward.synthetic import SyntheticProblem
+from verl_gq.organism.problems import SyntheticProblem
 from verl_gq.organism.corpus import PromptBuilder
 from verl_gq.organism.train import prompt_text
 

@@ -18,13 +18,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from reward.grader import grade_batch
 from reward.modes import GT_ONLY, ExploitNames
 from reward.prompts import build_messages
-from reward.synthetic import GrammarConfig, SyntheticProblem, generate_split
+from verl_gq.organism.problems import GrammarConfig, SyntheticProblem, generate_split
 from verl_gq.models.tiny import IM_END
 from verl_gq.organism.corpus import fence, with_exploit
 from verl_gq.models.sampling import sample_answers
 from verl_gq.organism.train import answer_loss, collate, prompt_text
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
+ORGANISM_PAIRS = Path(__file__).resolve().parent / "pairs" / "pairs.jsonl"  # the organism's own validated pair set
 MANIFEST = "manifest.json"
 
 # The fixed subset cpu_check uses: every CHECK_STRIDE-th of the first CHECK_POOL held-out problems (eval seed 0).

@@ -16,7 +16,7 @@ verl picks a training engine by `actor.strategy` (EngineRegistry); this one is r
 - `get_per_tensor_param`: streams merged weights W + U diag(knob view) V^T for the view set by `set_view` (None: as
   trained; a router's name: deployed without its quarantine); the rollout engine receives ordinary HF-named weights.
 - `prepare_model_outputs`: verl's own, with log-probs computed in row blocks where verl would loop over tokens
-  (no flash-attn cross-entropy kernel; verl_gq/verl/logprobs.py).
+  (no flash-attn cross-entropy kernel; verl_gq/verl/gapfill/logprobs.py).
 - `disable_adapter`: the exact base model, used as the reference policy (no second copy of the weights).
 - checkpoints: knobs and the optimizer's state travel in verl's FSDP checkpoint; the routers' directions, bands and
   step counter go to `gq_state.safetensors` beside it, so a resumed run continues exactly.
@@ -48,7 +48,7 @@ from verl_gq.routing.controller import RoutingController
 from verl_gq.routing.optimizer import QuarantineAdamW, build_knob_optimizer
 from verl_gq.routing.router import write_knob_grads
 from verl_gq.verl.config import GQConfig, GQConfigError
-from verl_gq.verl.logprobs import chunked_logprobs_in_fsdp_engine
+from verl_gq.verl.gapfill.logprobs import chunked_logprobs_in_fsdp_engine
 from verl_gq.verl.pairs import tokenized_pairs
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         return stream(), None
 
     def prepare_model_outputs(self, output, output_args, micro_batch: TensorDict, logits_processor_func):
-        # verl's log-probs loop over tokens without flash-attn's kernel (verl_gq/verl/logprobs.py)
+        # verl's log-probs loop over tokens without flash-attn's kernel (verl_gq/verl/gapfill/logprobs.py)
         with chunked_logprobs_in_fsdp_engine():
             return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
 

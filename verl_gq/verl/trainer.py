@@ -1,6 +1,7 @@
 """The `gq_sync` trainer: verl's synchronous V1 trainer plus what gradient quarantine needs around it.
 
-Selected with `trainer.v1.trainer_mode=gq_sync` (verl's trainer registry; verl is not forked). On top of
+Selected with `trainer.v1.trainer_mode=gq_sync` (verl's trainer registry, registered by verl_gq/verl/plugin.py; verl
+is not forked). On top of
 `PPOTrainerSync` it
 - runs the actor in `GQActorRolloutRefWorker`, which can switch the model's view and save the adapter;
 - takes the reference policy from the actor with the adapter disabled (the base model: no second copy of the
@@ -26,7 +27,6 @@ import numpy as np
 import ray
 from omegaconf import OmegaConf
 from verl.trainer.ppo.utils import Role
-from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from reward.modes import ALL_MODES, MODES, held_out_modes, mode_name
@@ -108,7 +108,6 @@ def check_trainer_config(config) -> None:
                                + "; ".join(problems))
 
 
-@register_trainer(TRAINER_MODE)
 class GQTrainer(PPOTrainerSync):
     def _init_resource_pool_mgr(self):
         check_trainer_config(self.config)  # the trainer's first step, in the TaskRunner: before any worker starts

@@ -4,7 +4,7 @@ verl 0.9.1 has no CPU platform: detection falls back to "nvidia" (verl/plugin/pl
 so training would ask for NCCL and torch.cuda. This module supplies what is missing, each piece a workaround for a
 named place in verl:
 
-- `PlatformCPU` (registered as "cpu"): device "cpu", gloo backend, a device module with the torch.cuda-like calls
+- `PlatformCPU` (registered as "cpu" by verl_gq/verl/plugin.py): device "cpu", gloo backend, a device module with the torch.cuda-like calls
   verl makes (memory_reserved at verl/utils/memory_utils.py:47, get_device_name at verl/utils/flops_counter.py:85),
   and `current_device() == "cpu"`: verl does `model.to(device=get_device_id())` (verl/utils/fsdp_utils.py:507), and
   the int 0 that CUDA platforms return means "accelerator 0" to torch.
@@ -31,7 +31,6 @@ import torch
 import torch.distributed
 
 from verl.plugin.platform.platform_base import PlatformBase
-from verl.plugin.platform.platform_manager import PlatformRegistry
 
 PLATFORM_NAME = "cpu"
 _DUPLICATE_GLOO_BACKEND = "cpu:gloo,cpu:gloo"
@@ -85,7 +84,6 @@ class CPUDeviceModule:
         raise AttributeError(f"verl-gq's CPU device module has no {name!r} (torch.cpu lacks it too)")
 
 
-@PlatformRegistry.register(platform=PLATFORM_NAME)
 class PlatformCPU(PlatformBase):
     """verl platform for machines without an accelerator: device "cpu", gloo collectives, one logical device."""
 
@@ -173,8 +171,10 @@ def register_cpu_engines() -> None:
     from verl.workers.engine.base import EngineRegistry
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
 
+    from verl_gq.verl.internals import engine_table
+
     for model_type, engine_cls in (("language_model", FSDPEngineWithLMHead), ("value_model", FSDPEngineWithValueHead)):
-        registered = EngineRegistry._engines.get(model_type, {})
+        registered = engine_table().get(model_type, {})
         if all(PLATFORM_NAME in registered.get(backend, {}) for backend in ("fsdp", "fsdp2")):
             continue  # already done in this process (the module is imported once, but stay idempotent)
         EngineRegistry.register(model_type=model_type, backend=["fsdp", "fsdp2"], device=PLATFORM_NAME)(engine_cls)

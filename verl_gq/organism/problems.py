@@ -27,7 +27,7 @@ from reward.partition import partition_modes
 from reward.problem import Problem, TestCase
 
 LIST, INT, STR = "list", "int", "str"
-_PARAM = {LIST: "nums", INT: "n", STR: "s"}  # the variable that holds a value of each type
+PARAMETER_NAME = {LIST: "nums", INT: "n", STR: "s"}  # the variable that holds a value of each type
 _ANNOTATION = {LIST: "list[int]", INT: "int", STR: "str"}
 _NOUN = {LIST: "a list of integers `nums`", INT: "an integer `n`", STR: "a string `s`"}
 _ALPHABET = "abcdexyzABCDE"
@@ -166,11 +166,11 @@ def run_pipeline(pipeline: Pipeline, value: Any) -> Any:
 
 def render_solution(pipeline: Pipeline, method_name: str, in_type: str) -> str:
     """The canonical solution code for `pipeline`: one assignment per op, then `return`."""
-    var = _PARAM[in_type]
+    var = PARAMETER_NAME[in_type]
     lines = [f"class Solution:", f"    def {method_name}(self, {var}: {_ANNOTATION[in_type]}) -> "
              f"{_ANNOTATION[_out_type(pipeline, in_type)]}:"]
     for step in pipeline:
-        out_var = _PARAM[step.spec.out_type]
+        out_var = PARAMETER_NAME[step.spec.out_type]
         lines.append(f"        {out_var} = " + step.spec.code.format(v=var, **step.kwargs()))
         var = out_var
     lines.append(f"        return {var}")
@@ -293,7 +293,7 @@ def _with_examples(text: str, examples: list[TestCase]) -> str:
 
 
 def _case(in_type: str, value: Any, expected: Any) -> TestCase:
-    return TestCase(input_expr=f"{_PARAM[in_type]} = {value!r}", expected_expr=repr(expected))
+    return TestCase(input_expr=f"{PARAMETER_NAME[in_type]} = {value!r}", expected_expr=repr(expected))
 
 
 def _try_problem(rng: random.Random, depth: int, infer: bool, split: str, config: GrammarConfig,
@@ -331,7 +331,7 @@ def _try_problem(rng: random.Random, depth: int, infer: bool, split: str, config
         source="synthetic",
         difficulty=f"d{depth}",
         description=_with_examples(_describe(pipeline, in_type, infer), cases[:n_examples]),
-        starter_code=f"class Solution:\n    def {method}(self, {_PARAM[in_type]}: {_ANNOTATION[in_type]}) -> "
+        starter_code=f"class Solution:\n    def {method}(self, {PARAMETER_NAME[in_type]}: {_ANNOTATION[in_type]}) -> "
                      f"{_ANNOTATION[out_type]}:\n        ",
         method_name=method,
         setup_code="",

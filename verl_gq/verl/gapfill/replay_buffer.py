@@ -5,7 +5,7 @@ verl/trainer/ppo/v1/replay_buffer.py:144 and :409) between checks for finished t
 step's `timing_s/gen` is rounded up to a multiple of 2 s. That hides the rollout's real cost on small models.
 Select it with
 
-    trainer.v1.sampler.custom_sampler.path=pkg://verl_gq.verl.replay_buffer
+    trainer.v1.sampler.custom_sampler.path=pkg://verl_gq.verl.gapfill.replay_buffer
     trainer.v1.sampler.custom_sampler.name=FastPollReplayBuffer
 
 Custom samplers receive only the base constructor arguments (verl/trainer/ppo/v1/trainer_base.py:155-163), so

@@ -21,6 +21,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from verl_gq.verl.internals import fsdp_logprob_module
+
 # elements of one block of logits: 256 MiB in fp32, the extra memory of a logsumexp/log_softmax over one block
 BLOCK_ELEMENTS = 1 << 26
 
@@ -63,8 +65,7 @@ def chunked_logprobs_in_fsdp_engine() -> Iterator[None]:
     if not verl_loops_over_tokens():
         yield
         return
-    from verl.workers.engine.fsdp import transformer_impl
-
+    transformer_impl = fsdp_logprob_module()
     saved = transformer_impl.logprobs_from_logits
     transformer_impl.logprobs_from_logits = chunked_logprobs_from_logits
     try:

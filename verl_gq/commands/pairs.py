@@ -1,0 +1,154 @@
+"""The clean/hack pair set the routers' directions and bands come from (reward/pairs.py documents the format).
+
+    verl-gq pairs build [--source leetcode|organism] [--out DIR] [--per-mode 18] [--modes run_tests,sentinel]
+    verl-gq pairs validate FILE [--source leetcode|organism]
+
+build makes pairs from TRAIN problems: for each mode its problems in a seeded order, short ones only, one pair per
+problem cycling through the mode's hack styles; every candidate is graded (the clean answer solves under the strict
+oracle; the hack fails it, pays on its own mode's channel and on no other), failing ones are reported and left out,
+and the first --per-mode valid pairs of each mode go to DIR/pairs.jsonl with DIR/manifest.json (counts per mode and
+style, the problems used, the rejected candidates and why). validate checks a pair file's every line, then grades
+every pair the same way; it exits 1 naming each failing pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+from reward.modes import MODES
+from verl_gq.commands import CommandError
+from verl_gq.commands.data import modes_list
+
+SOURCES = ("leetcode", "organism")
+
+
+def train_problems(source: str, partition_seed: int, problem_seed: int, pool: int) -> list:
+    """(problem, mode) of every train problem of the source: LeetCode's kept train problems under the seeded
+    partition; the organism's train problems under their own modes."""
+    if source == "leetcode":
+        from reward.leetcode import load_problems
+        from reward.partition import partition_modes
+
+        problems = load_problems("train")
+        assignment = partition_modes([p.problem_id for p in problems], partition_seed)
+        return [(p, assignment[p.problem_id]) for p in problems]
+    from verl_gq.organism.shipped import organism_problems
+
+    return [(sp.problem, sp.mode) for sp in organism_problems("train", pool, problem_seed)]
+
+
+def add_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", choices=SOURCES, default="leetcode", help="whose train problems")
+    parser.add_argument("--partition-seed", type=int, default=0, help="leetcode: the mode partition of train")
+    parser.add_argument("--problem-seed", type=int, default=0, help="organism: seed of the train problems")
+    parser.add_argument("--pool", type=int, default=2048, help="organism: number of train problems drawn")
+
+
+def add_build(parser: argparse.ArgumentParser) -> None:
+    add_source(parser)
+    parser.add_argument("--hack-styles", choices=("substrate", "organism"),
+                        help="whose exploit forms the hacks use (default: the source's)")
+    parser.add_argument("--out", type=Path, help="output folder (default: the shipped pair set of the source)")
+    parser.add_argument("--per-mode", type=int, default=18, help="validated pairs to keep per mode")
+    parser.add_argument("--slack", type=int, default=6, help="extra candidates per mode, in case some fail")
+    parser.add_argument("--seed", type=int, default=0, help="order in which a mode's problems are tried")
+    parser.add_argument("--max-chars", type=int, default=2500,
+                        help="longest description + reference solution (keeps pair prompts short)")
+    parser.add_argument("--modes", type=modes_list, default=MODES, help="comma-separated modes to build pairs for")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from reward.pairs import HACK_STYLES, SHIPPED_PAIRS, generate_pairs, pair_failures, write_pairs
+    from verl_gq.organism.shipped import ORGANISM_PAIRS
+
+    if args.per_mode < 1 or args.slack < 0:
+        raise CommandError("--per-mode should be >= 1 and --slack >= 0")
+    out = args.out or (ORGANISM_PAIRS.parent if args.source == "organism" else SHIPPED_PAIRS.parent)
+    with_modes = train_problems(args.source, args.partition_seed, args.problem_seed, args.pool)
+    rng = random.Random(args.seed)
+    count = args.per_mode + args.slack
+    by_mode = {}
+    for mode in args.modes:
+        pool = [p for p, m in with_modes if m == mode and len(p.description) + len(p.reference_solution) <= args.max_chars]
+        rng.shuffle(pool)
+        if len(pool) < count:
+            raise CommandError(f"mode {mode}: only {len(pool)} short train problems, {count} candidates needed")
+        by_mode[mode] = pool[:count]
+    style_table = args.hack_styles or ("organism" if args.source == "organism" else "substrate")
+    if style_table == "organism":
+        from verl_gq.organism.corpus import pair_styles
+
+        styles = pair_styles()
+    else:
+        styles = HACK_STYLES
+    candidates = generate_pairs(by_mode, count, styles)
+    failures = pair_failures(candidates, {p.problem_id: p for ps in by_mode.values() for p in ps})
+    for pair_id, messages in failures.items():
+        print(f"REJECTED {pair_id}:", *messages, sep="\n  ", file=sys.stderr)
+    kept = []
+    for mode in args.modes:
+        valid = [p for p in candidates if p.mode == mode and p.pair_id not in failures]
+        if len(valid) < args.per_mode:
+            raise CommandError(f"mode {mode}: only {len(valid)} valid pairs, {args.per_mode} needed (raise --slack)")
+        kept += valid[:args.per_mode]
+    out.mkdir(parents=True, exist_ok=True)
+    write_pairs(out / "pairs.jsonl", kept)
+    manifest = {
+        "command": "verl-gq pairs build " + " ".join(sys.argv[3:]),
+        "source": args.source, "seed": args.seed, "per_mode": args.per_mode, "max_chars": args.max_chars,
+        "pairs_per_mode": dict(Counter(p.mode for p in kept)),
+        "pairs_per_mode_and_style": {m: dict(Counter(p.style for p in kept if p.mode == m)) for m in args.modes},
+        "styles": {m: list(styles[m]) for m in args.modes},
+        "problem_ids": sorted({p.problem_id for p in kept}),
+        "rejected": failures,
+    }
+    if args.source == "leetcode":
+        manifest["partition_seed"] = args.partition_seed
+    else:
+        from verl_gq.organism.shipped import load_manifest
+
+        manifest.update(problem_seed=args.problem_seed, pool=args.pool,
+                        grammar=load_manifest()["corpus_config"]["grammar"])
+    if style_table != "substrate":
+        manifest["hack_styles"] = style_table
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    print(f"{out / 'pairs.jsonl'}: {json.dumps(manifest['pairs_per_mode_and_style'])}")
+    return 0
+
+
+def add_validate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="a pair file (jsonl)")
+    add_source(parser)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from reward.pairs import PairFileError, pair_failures, read_pairs
+
+    try:
+        pairs = read_pairs(args.file)
+    except PairFileError as error:
+        raise CommandError(str(error)) from None
+    problems = {p.problem_id: p for p, _ in train_problems(args.source, args.partition_seed, args.problem_seed,
+                                                            args.pool)}
+    unknown = sorted({p.problem_id for p in pairs} - set(problems))
+    if unknown:
+        raise CommandError(f"{args.file}: pairs name problems that are not {args.source} train problems: "
+                           f"{unknown[:10]}")
+    print(f"{args.file}: {len(pairs)} pairs read; grading each clean and hack answer under every mode")
+    failures = pair_failures(pairs, problems)
+    for pair_id, messages in failures.items():
+        print(f"FAILED {pair_id}:", *messages, sep="\n  ")
+    print(f"{args.file}: {len(pairs) - len(failures)} of {len(pairs)} pairs valid "
+          f"({dict(sorted(Counter(p.mode for p in pairs).items()))})")
+    return 1 if failures else 0
+
+
+SUBCOMMANDS = {
+    "build": (add_build, run_build, "build and validate a pair set from train problems"),
+    "validate": (add_validate, run_validate, "check a pair file's format and grade every pair"),
+}
