@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from verl_gq.models.hf_generator import HFGenerator, SamplingSpec
 
-CHECKPOINT = Path(__file__).resolve().parent.parent / "verl_gq" / "organism" / "checkpoint"
+CHECKPOINT = Path(__file__).resolve().parent.parent / "src" / "verl_gq" / "organism" / "checkpoint"
 
 
 @torch.inference_mode()

@@ -12,6 +12,5 @@ $PIP install -q --upgrade "pip>=24"
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   $PIP install -q "torch==2.13.0"
 fi
-# compat mode keeps the repo root on sys.path, which Hydra needs to discover hydra_plugins/ (a namespace package).
-$PIP install -q -c constraints.txt -e ".[test]" --config-settings editable_mode=compat
+$PIP install -q -c constraints.txt -e ".[test]"
 "$VENV/bin/python" -c "import verl_gq, reward; print('verl-gq installed in', '$VENV')"

@@ -29,8 +29,8 @@ def checkout_pythonpath() -> str:
     """PYTHONPATH for a subprocess running a script of tests/: this checkout first. A script's sys.path starts at its
     own folder (tests/), not the working directory, so without it `import verl_gq` finds whatever checkout is
     installed editable in the environment (another git worktree, say) and the test would run that code."""
-    repo = Path(__file__).resolve().parent.parent
-    return os.pathsep.join([str(repo), *filter(None, [os.environ.get("PYTHONPATH")])])
+    source = Path(__file__).resolve().parent.parent / "src"
+    return os.pathsep.join([str(source), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ def runs(tiny_model_dir: Path, tmp_path_factory, checkout_pythonpath: str) -> di
     }
     started = time.perf_counter()
     worlds = _driver().launch({1: tmp / "one", 2: tmp / "two"}, tiny_model_dir, options, checkout_pythonpath)
-    repo = DRIVER.resolve().parent.parent
+    repo = DRIVER.resolve().parent.parent / "src"
     for w in (1, 2):
         for r in worlds[w]:
             source = Path(r.pop("verl_gq_file")).resolve()

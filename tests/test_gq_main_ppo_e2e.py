@@ -25,7 +25,7 @@ from safetensors import safe_open
 from reward.modes import MODES
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_PAIRS = REPO / "reward" / "data" / "pairs" / "pairs.jsonl"
+SHIPPED_PAIRS = REPO / "src" / "reward" / "data" / "pairs" / "pairs.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from reward.prompts import build_messages
 from reward.verl_entry import compute_score
 
 REPO = Path(__file__).resolve().parents[1]
-ORGANISM_PAIRS = REPO / "verl_gq" / "organism" / "pairs"
+ORGANISM_PAIRS = REPO / "src" / "verl_gq" / "organism" / "pairs"
 # recipe -> (run name, its routers)
 RECIPES = {"recipes/organism_vanilla": ("vanilla", []), "recipes/organism_route2b": ("route2b", ["route2b"]),
            "recipes/organism_random_v": ("random_v", ["random_v"]),

@@ -18,7 +18,7 @@ from reward.partition import partition_modes
 from reward.prompts import build_messages
 
 MIN_PAIRS_PER_MODE = 16
-ORGANISM_PAIRS = Path(__file__).resolve().parents[1] / "verl_gq" / "organism" / "pairs" / "pairs.jsonl"
+ORGANISM_PAIRS = Path(__file__).resolve().parents[1] / "src" / "verl_gq" / "organism" / "pairs" / "pairs.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from reward.sandbox import (PROTECTED_PATHS, Sandbox, SandboxLimits, SandboxRefu
 MISSING = isolation_problems()
 needs_isolation = pytest.mark.skipif(bool(MISSING), reason="no isolation mode works here: " + "; ".join(MISSING))
 CHECKOUT = str(Path(__file__).resolve().parent.parent)
+SOURCE = str(Path(CHECKOUT) / "src")
 UID_BASE = 7_000_000
 LIMITS = SandboxLimits(cpu_s=1, wall_s=2, memory_bytes=512 << 20, nproc=4, stdout_cap=64 << 10)
 
@@ -329,14 +330,14 @@ def _unprivileged_python() -> str | None:
 def test_userns_mode_isolates_an_unprivileged_user():
     python = _unprivileged_python()
     readable = python and subprocess.run([python, "-c", "import reward.sandbox"], user=65534, group=65534, cwd="/",
-                                         env={"PYTHONPATH": CHECKOUT}, capture_output=True).returncode == 0
+                                         env={"PYTHONPATH": SOURCE}, capture_output=True).returncode == 0
     if not readable:
         pytest.skip("no interpreter and checkout that uid 65534 can read on this host")
     site_dirs = ["/python/lib", "/usr/lib/python3/dist-packages"]
     probe = PROBE.replace("@HOST_FILE@", "/etc/hostname-none").replace("@PORT@", "9").replace(
         "@CHECKOUT@", CHECKOUT).replace("@SITE_DIRS@", repr(site_dirs))
     done = subprocess.run([python, "-c", UNPRIVILEGED_DRIVER, probe], user=65534, group=65534, cwd="/",
-                          env={"PYTHONPATH": CHECKOUT, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                          env={"PYTHONPATH": SOURCE, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
                           timeout=120)
     if "user namespaces" in done.stderr or "CLONE_NEWUSER" in done.stderr:
         pytest.skip("this kernel does not let an unprivileged user create user namespaces: " + done.stderr[-300:])

@@ -83,5 +83,5 @@ def test_recipe_group_resolves_smoke_recipe_from_any_working_directory(tmp_path)
     assert config["actor_rollout_ref"]["rollout"]["name"] == "hf", "the recipe must merge at the root (_global_)"
     assert config["ray_kwargs"]["ray_init"]["num_gpus"] == 1
     assert config["trainer"]["device"] == "cpu"
-    assert (REPO / "verl_gq/conf/recipe/recipes").resolve() == (REPO / "recipes").resolve(), \
+    assert (REPO / "src/verl_gq/conf/recipe/recipes").resolve() == (REPO / "recipes").resolve(), \
         "the recipe group must read the repository's recipes/ folder"
