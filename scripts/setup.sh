@@ -12,5 +12,5 @@ $PIP install -q --upgrade "pip>=24"
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   $PIP install -q "torch==2.13.0"
 fi
-$PIP install -q -c constraints.txt -e ".[test]"
+$PIP install -q -c constraints.txt -e ".[dev]"
 "$VENV/bin/python" -c "import verl_gq, reward; print('verl-gq installed in', '$VENV')"

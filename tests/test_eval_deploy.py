@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from verl_gq.adapter.config import QuarantineAdapterConfig
 from verl_gq.adapter.model import inject_quarantine_adapter
-from verl_gq.eval.deploy import DeploySettings, evaluate
+from verl_gq.eval.deploy import evaluate
+from verl_gq.eval.settings import DeploySettings
 from verl_gq.eval.artifacts.run_dir import RunDir
 from verl_gq.eval.artifacts.schema import parse_deploy
 

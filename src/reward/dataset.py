@@ -150,6 +150,7 @@ def write_datasets(out_dir: Path, data_dir: Path, seed: int, pair_modes: Sequenc
     from collections import Counter
 
     import pandas as pd
+    from tqdm import tqdm
 
     from reward.leetcode import SCREEN_FILE, SPLITS, load_problems, problems_path
     from reward.pairs import read_pairs, write_pairs
@@ -159,7 +160,7 @@ def write_datasets(out_dir: Path, data_dir: Path, seed: int, pair_modes: Sequenc
             raise FileNotFoundError(f"{path} is missing: vendor the problems first (scripts/vendor_leetcode.py)")
     out_dir.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, int]] = {}
-    for split in SPLITS:
+    for split in tqdm(SPLITS, desc=f"{out_dir}: splits", unit="split", disable=None):
         rows = split_rows(load_problems(split, data_dir), split, seed, tuple(pair_modes),
                           randomise_names=randomise_test_names and split == "test")
         pd.DataFrame(rows.hinted).to_parquet(out_dir / f"{split}.parquet", index=False)

@@ -30,14 +30,18 @@ COMMANDS = {
 }
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The command line; only the `selected` command's module is imported and given its options (a command's module
+    may import torch or transformers, seconds that `verl-gq --help` or another command should not pay)."""
     top = argparse.ArgumentParser(prog="verl-gq", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name != selected:
+            continue
         module = importlib.import_module(f"verl_gq.commands.{module_name}")
-        command = commands.add_parser(name, help=help_text, description=module.__doc__,
-                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.description = module.__doc__
         subcommands = getattr(module, "SUBCOMMANDS", None)
         if subcommands is None:
             module.add_arguments(command)
@@ -52,7 +56,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    args = parser(selected).parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except CommandError as error:

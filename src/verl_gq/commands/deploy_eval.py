@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from verl_gq.eval.deploy import DeploySettings
+    from verl_gq.eval.settings import DeploySettings
 
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--eval-file", type=Path, required=True, help="verl parquet of the evaluation split")
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from verl_gq.commands import CommandError
     from verl_gq.eval.artifacts.run_dir import RunDir, deploy_evaluation, record_deploy_evaluation
     from verl_gq.eval.artifacts.schema import SchemaError, dump_json, parse_deploy
-    from verl_gq.eval.deploy import AS_TRAINED, BASE, DeploySettings, evaluate
+    from verl_gq.eval.deploy import AS_TRAINED, BASE, evaluate
+    from verl_gq.eval.settings import DeploySettings
 
     run_dir = RunDir(args.run_dir)
     try:

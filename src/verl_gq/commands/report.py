@@ -31,9 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from verl_gq.commands import CommandError
-    from verl_gq.eval.report.collect import collect_runs, default_baseline
-    from verl_gq.eval.report.figures import default_long_run_arms, long_run, training_curves
-    from verl_gq.eval.report.tables import ablation_table, held_out_table, keynote_table
+
+    try:
+        from verl_gq.eval.report.collect import collect_runs, default_baseline
+        from verl_gq.eval.report.figures import default_long_run_arms, long_run, training_curves
+        from verl_gq.eval.report.tables import ablation_table, held_out_table, keynote_table
+    except ModuleNotFoundError as error:
+        if error.name not in ("scipy", "matplotlib"):
+            raise
+        raise CommandError(f"the report needs {error.name}: pip install 'verl-gq[report]'") from None
 
     if not 0.0 < args.alpha < 1.0:
         raise CommandError(f"--alpha must lie in (0, 1), got {args.alpha}")

@@ -9,7 +9,6 @@ training run the gq trainer writes the same file from verl's own validation (ver
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -24,19 +23,8 @@ from reward.modes import MODES, randomised_names
 from reward.prompts import build_messages
 from verl_gq.adapter.model import adapter_config_of, inject_quarantine_adapter
 from verl_gq.eval.artifacts.schema import EvalBlock
+from verl_gq.eval.settings import DeploySettings
 from verl_gq.models.sampling import sample_answers
-
-
-@dataclass(frozen=True)
-class DeploySettings:
-    n_prompts: int = 64  # spread evenly over the modes of the evaluation file
-    group: int = 16  # samples per prompt
-    temperature: float = 0.7
-    max_new_tokens: int = 1536
-    randomise_names: bool = False  # draw the exploit names per prompt, as the original benchmark does
-    seed: int = 0
-    batch_size: int = 32
-    device: str = "cpu"
 
 
 def select_rows(frame: pd.DataFrame, n_prompts: int, seed: int) -> pd.DataFrame:
@@ -92,7 +80,7 @@ def evaluate(model_path: str, train_file: Path, eval_file: Path, settings: Deplo
     for view in views:
         with adapter.disabled() if view == BASE else adapter.viewing(None if view == AS_TRAINED else view):
             answers = sample_answers(model, tokenizer, prompts, settings.temperature, settings.max_new_tokens,
-                                     settings.batch_size, settings.seed, settings.device)
+                                     settings.batch_size, settings.seed, settings.device, progress=f"sampling {view}")
         verdicts = grade_batch([(problem, answer, mode, names) for (problem, mode, names), answer in zip(tasks, answers)])
         blocks[view] = EvalBlock.from_samples([mode for _, mode, _ in tasks], [bool(v.solve) for v in verdicts],
                                               [bool(v.hack) for v in verdicts], eval_modes=list(MODES))

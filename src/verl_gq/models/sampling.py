@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from verl_gq.models.hf_generator import HFGenerator, SamplingSpec, default_sample_keys
@@ -10,12 +11,14 @@ from verl_gq.models.hf_generator import HFGenerator, SamplingSpec, default_sampl
 
 @torch.no_grad()
 def sample_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts: list[str],
-                   temperature: float, max_new_tokens: int, batch_size: int, seed: int, device: str) -> list[str]:
+                   temperature: float, max_new_tokens: int, batch_size: int, seed: int, device: str,
+                   progress: str | None = None) -> list[str]:
     """One answer per prompt (temperature 0 = greedy), decoded without special tokens.
 
     Each answer draws with its own key, (seed, prompt, its index among the equal prompts of the list), so it does not
     depend on batch_size, on the other prompts or on their order (verl_gq.models.keyed_sampling). Prompts are sorted
-    by length into batches of batch_size rows, decoded by HFGenerator."""
+    by length into batches of batch_size rows, decoded by HFGenerator. `progress` names a progress bar over the
+    batches (shown on a terminal only)."""
     model.to(device).eval()
     token_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     keys = default_sample_keys(seed, token_ids, 1)
@@ -28,7 +31,8 @@ def sample_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, p
         spec = SamplingSpec(max_tokens=max_new_tokens, temperature=temperature)
         order = sorted(range(len(prompts)), key=lambda i: len(token_ids[i]))
         answers: list[str] = [""] * len(prompts)
-        for start in range(0, len(order), batch_size):
+        for start in tqdm(range(0, len(order), batch_size), desc=progress, unit="batch", leave=False,
+                          disable=None if progress else True):
             batch = order[start:start + batch_size]
             results = generator.generate([token_ids[i] for i in batch], spec, keys=[keys[i] for i in batch])
             for i, [generation] in zip(batch, results):

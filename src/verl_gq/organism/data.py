@@ -137,6 +137,7 @@ def write(out: Path, n_train: int, test_per_mode: int, seed: int, small_per_mode
           command: str = "", infer_only: bool = False) -> dict:
     """Write {train,test,test_small}[_gt_only].parquet and manifest.json into `out`; return the manifest."""
     import pandas as pd
+    from tqdm import tqdm
 
     built = build(n_train, test_per_mode, seed, small_per_mode, infer_only)
     out = Path(out)
@@ -148,7 +149,7 @@ def write(out: Path, n_train: int, test_per_mode: int, seed: int, small_per_mode
                    "test_small": "small_per_mode test problems of each mode, its depths in turn"},
         "counts": {}, "rows_sha256": {}, "prompt_tokens": {},
     }
-    for split, split_rows in built.rows.items():
+    for split, split_rows in tqdm(built.rows.items(), desc=f"{out}: splits", unit="split", disable=None):
         for suffix, rows in (("", split_rows.hinted), ("_gt_only", split_rows.gt_only)):
             pd.DataFrame(rows).to_parquet(out / f"{split}{suffix}.parquet", index=False)
             manifest["rows_sha256"][f"{split}{suffix}"] = rows_sha256(rows)

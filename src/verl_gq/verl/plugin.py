@@ -26,8 +26,11 @@ import traceback
 
 def _register() -> None:
     from verl.plugin.platform.platform_manager import PlatformRegistry
-    from verl.trainer.ppo.v1.trainer_base import register_trainer
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    # the platform first: verl's engine, trainer and worker modules ask which platform this is when imported
+    from verl_gq.verl.gapfill import platform_cpu
+
+    PlatformRegistry.register(platform=platform_cpu.PLATFORM_NAME)(platform_cpu.PlatformCPU)
 
     from verl_gq.verl import internals
 
@@ -37,13 +40,12 @@ def _register() -> None:
 
     resolvers.register()
 
-    # the platform first: the other modules import verl code that may ask which platform this is
-    from verl_gq.verl.gapfill import platform_cpu
-
-    PlatformRegistry.register(platform=platform_cpu.PLATFORM_NAME)(platform_cpu.PlatformCPU)
     platform_cpu.register_cpu_engines()
     if platform_cpu.cpu_platform_selected():
         platform_cpu.install_gloo_backend_fix()
+
+    from verl.trainer.ppo.v1.trainer_base import register_trainer
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
 
     from verl_gq.verl import engine, trainer
     from verl_gq.verl.gapfill import hf_rollout

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
+from tqdm import tqdm
 
 from verl_gq.eval.artifacts.run_dir import RunDir
 from verl_gq.eval.artifacts.schema import DeployEval, EvalBlock, EvalRow, SchemaError, TrainRow
@@ -249,7 +250,7 @@ def collect_runs(root: Path, expected_seeds: Optional[Sequence[int]] = None) -> 
     problems: list[Problem] = []
     excluded: list[str] = []
     loaded: list[Run] = []
-    for folder in folders:
+    for folder in tqdm(folders, desc=f"{root}: runs", unit="run", disable=None):
         try:
             loaded.extend(load_run(RunDir(folder)))
         except IncompleteRun as e:
