@@ -6,7 +6,7 @@ number of workers; only the launcher differs ("zygote": fork from a pre-warmed c
 `python -I -S` per execution, the baseline). Arms are interleaved, repeated, and the best wall time of each is
 reported, so background load on a shared machine hurts both alike.
 
-    python scripts/bench_grader.py [--workload leetcode|small] [--problems 60] [--repeats 3] [--workers 1,2]
+    python benchmarks/bench_grader.py [--workload leetcode|small] [--problems 60] [--repeats 3] [--workers 1,2]
 """
 
 from __future__ import annotations

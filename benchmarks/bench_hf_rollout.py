@@ -1,14 +1,14 @@
-"""Time of the hf rollout's generator against its previous decode loop, on the shipped organism, in one process.
+"""Time of the hf rollout's generator against a plain decode loop, on the shipped organism, in one process.
 
-    python scripts/bench_hf_rollout.py                                   # CUDA if present: float32 and bfloat16
-    python scripts/bench_hf_rollout.py --device cpu --rows 16 --repeats 3
-    python scripts/bench_hf_rollout.py --profile                         # plus the top operators of each variant
+    python benchmarks/bench_hf_rollout.py                                   # CUDA if present: float32 and bfloat16
+    python benchmarks/bench_hf_rollout.py --device cpu --rows 16 --repeats 3
+    python benchmarks/bench_hf_rollout.py --profile                         # plus the top operators of each variant
 
 The default shape is one training step of the organism recipe: 256 rows (16 prompts x 16 samples) of random
 225-token prompts (the organism's median prompt), 128 new tokens each (EOS ignored, so every row decodes all 128),
 temperature 0.7, one batch. A deploy evaluation of 4096 samples: --rows 4096 --max-batch-rows 256 --variants
 current. Variants, on separate copies of the model (verl_gq/organism/checkpoint):
-  previous     the decode loop this generator replaced, kept here verbatim as the baseline: a dynamic KV cache,
+  previous     a plain decode loop, the baseline: a dynamic KV cache,
                transformers' masks from a 2D padding mask every token, one shared torch.Generator, a host check of
                "all rows stopped" every token
   current      HFGenerator with the device's defaults (CUDA: graphs on; CPU: stopped rows leave the batch)
@@ -39,7 +39,7 @@ CHECKPOINT = Path(__file__).resolve().parent.parent / "src" / "verl_gq" / "organ
 @torch.inference_mode()
 def previous_generate(model, prompts: list[list[int]], spec: SamplingSpec, eos_token_ids: tuple[int, ...],
                       pad_token_id: int, rng: torch.Generator) -> list[list[int]]:
-    """The generator's decode loop before keyed sampling, static cache and graphs (one sample per prompt)."""
+    """A plain decode loop, without keyed sampling, a static cache or graphs (one sample per prompt)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=225)
     parser.add_argument("--prompts-from", default=None, metavar="PARQUET",
                         help="real prompts instead: the first rows/samples-per-prompt prompts of an organism parquet "
-                             "(scripts/prepare_organism.py), chat template applied, EOS honoured")
+                             "(verl-gq data organism), chat template applied, EOS honoured")
     parser.add_argument("--samples-per-prompt", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.7)

@@ -8,9 +8,9 @@ web build and unused libraries, transformers 5.10.4, hydra, TransferQueue, ..., 
 
     bash .bundle/install.sh /tmp/site && export PYTHONPATH=/tmp/site:$PYTHONPATH
 
-The package list is the one docs/running.md gives for the lent H100 (notes/gpu-machine.md): what its image lacks or
-has in a version verl 0.9.1 rejects. torch, numpy, pandas, pyarrow, safetensors, requests, aiohttp, ... are
-expected on the target. Wheels come from PyPI for cp<version> manylinux x86_64; pure-Python sdists are built here.
+The package list is the one docs/running.md gives: what verl-gq needs besides the packages the target is expected
+to have in versions verl 0.9.1 accepts (torch, numpy, pandas, pyarrow, safetensors, requests, aiohttp, ...). Wheels
+come from PyPI for cp<version> manylinux x86_64; pure-Python sdists are built here.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ PACKAGES = [
     "typing-extensions==4.16.0", "opentelemetry-api==1.45.2", "importlib-metadata==10.2.0", "zipp==4.1.2",
     "jsonschema==4.26.0", "referencing==0.37.0", "rpds-py==2026.9.1", "jsonschema-specifications==2025.9.1",
 ]
-# Parts of installed packages that training never imports; dropping them keeps the bundle under the device
-# tool's 64 MiB per call (repo included). ray/jars: Java workers; dashboard/client/build: the web UI;
+# Parts of installed packages that training never imports; dropping them keeps the bundle small (about 41 MiB).
+# ray/jars: Java workers; dashboard/client/build: the web UI;
 # rllib/tune/train/serve/llm/data: Ray libraries verl does not use (verl imports ray.util, ray.actor only).
 PRUNE = [
     "ray/jars", "ray/dashboard/client/build", "ray/rllib", "ray/tune", "ray/train", "ray/llm", "ray/serve",

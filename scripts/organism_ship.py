@@ -18,7 +18,7 @@ from pathlib import Path
 
 from verl_gq.organism.shipped import CHECKPOINT_DIR, MANIFEST, cpu_check, file_sha256, load_organism
 
-MAX_FILE_BYTES = 16 * 1024 * 1024  # the device tool returns files of at most 16 MiB
+MAX_FILE_BYTES = 16 * 1024 * 1024  # the size budget of every file the repository ships
 SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json", "chat_template.jinja")
 # Greedy CPU answers may flip at near-ties on another CPU; the counts (out of n_problems) must stay this close.

@@ -265,7 +265,8 @@ def test_a_file_written_before_routers_loads_as_effective_and_one_quarantine(tmp
     from verl_gq.eval.deploy import load_model_with_knobs
     from verl_gq.organism.shipped import CHECKPOINT_DIR
 
-    stored = Path(__file__).parents[1] / "docs/results/organism-h100-study/runs/route2b_s41/train.safetensors"
+    stored = (Path(__file__).parents[1] / "docs/results/2026-11-24-h100-organism-study/runs/route2b_s41"
+              / "train.safetensors")
     _, _, adapter = load_model_with_knobs(str(CHECKPOINT_DIR), stored, "cpu")
     assert adapter.quarantine_names == ["route2b"], "the arm of a format-/1 file names its one quarantine"
     saved = load_file(str(stored))

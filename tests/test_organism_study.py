@@ -211,13 +211,13 @@ def test_organism_pair_set_validates_against_the_real_grader():
 
 # ---- the committed H100 study ----
 
-STUDY = REPO / "docs" / "results" / "organism-h100-study"
+STUDY = REPO / "docs" / "results" / "2026-11-24-h100-organism-study"
 
 
 @pytest.mark.parametrize("baseline, folder", [("vanilla", "report"), ("random_v", "report_vs_random_v")])
 def test_committed_study_tables_regenerate_from_its_run_folders(tmp_path, baseline, folder):
-    """docs/results/organism-h100-study's tables are what scripts/report.py makes of the run folders beside them:
-    a reader rerunning the command gets the published numbers."""
+    """docs/results/2026-11-24-h100-organism-study's tables are what `verl-gq report` makes of the run folders
+    beside them: a reader rerunning the command gets the published numbers."""
     import subprocess
     import sys
 

@@ -120,7 +120,7 @@ def grading_task(ground_truth: str, extra_info: Mapping | None) -> GradingTask:
     where = f"problem {extra_info.get('problem_id', '<no problem_id>')}"
     missing = [k for k in EXTRA_INFO_KEYS if k not in extra_info]
     if missing:
-        raise RowError(f"{where}: extra_info lacks {missing}; rows come from scripts/prepare_leetcode.py")
+        raise RowError(f"{where}: extra_info lacks {missing}; rows come from `verl-gq data leetcode`")
     try:
         problem = Problem.from_json(extra_info["problem"])
     except (TypeError, ValueError, KeyError) as exc:

@@ -3,7 +3,7 @@
 Two layers:
 - raw: the upstream jsonl.gz files (shared/data/leetcode, two layouts: v0.2.0 keeps difficulty, question id,
   description and starter code under `meta`; v0.3.1 has them at top level). `raw_problems` turns one raw file into
-  Medium+Hard `Problem`s; `scripts/prepare_leetcode.py vendor` runs it once and writes the vendored files.
+  Medium+Hard `Problem`s; `scripts/vendor_leetcode.py` runs it once and writes the vendored files.
 - vendored: reward/data/leetcode/problems-{train,test}.jsonl.gz (one `Problem.to_json()` a line) plus
   screen.json (is each problem kept: its reference solution passed the strict oracle under the sandbox
   limits, and its tests do not all expect one value).
@@ -240,7 +240,7 @@ class ProblemScreen:
 def load_screen(data_dir: Path = VENDORED_DIR) -> dict[str, ProblemScreen]:
     path = Path(data_dir) / SCREEN_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `scripts/prepare_leetcode.py vendor` to grade the references")
+        raise FileNotFoundError(f"{path} is missing: run `scripts/vendor_leetcode.py` to grade the references")
     records = json.loads(path.read_text())["problems"]
     return {pid: ProblemScreen(**record) for pid, record in records.items()}
 

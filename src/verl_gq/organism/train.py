@@ -25,7 +25,7 @@ from verl_gq.organism.corpus import Sample
 @dataclass(frozen=True)
 class ModelConfig:
     """Qwen3 shape. The default (7.6M params, 15.2 MB in bf16) is the largest that keeps the shipped
-    checkpoint under 16 MiB, the device tool's per-file limit."""
+    checkpoint under 16 MiB, the size budget of every file the repository ships."""
 
     vocab_size: int = 3000
     hidden: int = 320

@@ -20,10 +20,11 @@ column). A quarantine that receives no routed gradient stays exactly 0.
 Clipping (`clip_grad_norm_`) scales every column by one coefficient computed from the norm of the effective
 gradient g over all knobs and all data-parallel ranks, so clipping too is vanilla's.
 
-`PerRowAdamW` is the ablation this replaces: the kept and one quarantine knob as two independent AdamW rows (each
+`PerRowAdamW` is the ablation: the kept and one quarantine knob as two independent AdamW rows (each
 its own second moment), clipped on their joint norm. Its knob-on update is not vanilla's (at step 1 it is about
-1.85 times vanilla's norm), so a route2b run under it trains faster than vanilla and its comparison with vanilla is
-confounded. It stays only to reproduce runs made with it.
+1.6 times vanilla's norm on the random gradients of tests/test_routing_optimizer.py), so a route2b run under it
+trains faster than vanilla and its comparison with vanilla is confounded. It stays only to reproduce runs made with
+it.
 
 Both work on each knob's local tensor (a DTensor's shard under FSDP2: rows of r, every column of an entry on one
 rank), batched with torch's foreach kernels; their state is plain tensors that verl's checkpoint saves per rank.

@@ -12,7 +12,7 @@ verl picks a training engine by `actor.strategy` (EngineRegistry); this one is r
   rollout (or per token); every router gates the stash with its own direction and band; after the last
   micro-batch one all-reduce over the data-parallel group, and the knobs' gradients become [total | each router's
   quarantine share]. The gate reads gradients, the direction and the band only: nothing of the batch's rewards,
-  labels or extra fields reaches it (tests/test_engine_route2b.py).
+  labels or extra fields reaches it (tests/test_engine_routers.py).
 - `get_per_tensor_param`: streams merged weights W + U diag(knob view) V^T for the view set by `set_view` (None: as
   trained; a router's name: deployed without its quarantine); the rollout engine receives ordinary HF-named weights.
 - `prepare_model_outputs`: verl's own, with log-probs computed in row blocks where verl would loop over tokens

@@ -4,7 +4,8 @@ It exists to exercise verl end to end on a tiny random model, where the LeetCode
 for every sample (and GRPO advantages with it). The reward is honest and dense: 1.0 when the response contains the
 right number, otherwise half the share of digit characters in the response (a signal a random model can climb).
 
-    python -m verl_gq.verl.smoke_task OUT_DIR   # writes OUT_DIR/model (tiny Qwen3), train.parquet, val.parquet
+    verl-gq smoke OUT_DIR [--train]   # writes OUT_DIR/model (tiny Qwen3), train.parquet, val.parquet
+    python -m verl_gq.verl.smoke_task OUT_DIR   # the same files, without the command
 """
 
 from __future__ import annotations

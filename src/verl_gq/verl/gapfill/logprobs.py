@@ -3,9 +3,9 @@
 Without flash-attn's cross-entropy kernel (and off NPU), verl 0.9.1 computes log-probs with
 `logprobs_from_logits_v2` (verl/utils/torch_functional.py:180-210). It loops over the first dimension of the logits
 to bound peak memory, and the FSDP engine hands it (tokens, vocab) logits (verl/workers/engine/fsdp/
-transformer_impl.py:1428 and :1522). So every token is its own logsumexp (fp32) or log_softmax (bf16) launch. On the
-lent H100 (no flash-attn) a 7.6M-parameter model spent 5-8 s on a forward-only pass over 256 x 528 tokens, the GPU
-idle and one CPU core busy: 34k kernel launches per micro-batch.
+transformer_impl.py:1428 and :1522). So every token is its own logsumexp (fp32) or log_softmax (bf16) launch. On an
+H100 without flash-attn a 7.6M-parameter model spent 5-8 s on a forward-only pass over 256 x 528 tokens that way, the
+GPU idle and one CPU core busy: 34k kernel launches per micro-batch.
 
 `chunked_logprobs_from_logits` computes the same values row block by row block, each block under a fixed element
 budget, so peak memory stays bounded as in verl and the launches are a few per micro-batch. The gq engine swaps it in
