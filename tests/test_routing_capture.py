@@ -292,3 +292,21 @@ def test_stash_saves_at_most_one_gathered_scale_per_module_in_the_activations_dt
         f"stash mode should save only (batch, seq, r) bf16 gathered scales beyond plain mode's tensors: {gathered}"
     )
     assert len(gathered) <= len(adapter.layers), f"at most one gathered scale per module ({len(gathered)})"
+
+
+def test_response_segments_score_each_response_token_at_the_position_before_it():
+    """Two sequences, prompt 2 + response 3 and prompt 3 + response 1 (lengths 5 and 4). Token j of a response is
+    scored by the logits of the position before it: positions 1, 2, 3 (sequence 0) and 7 (sequence 1) when packed,
+    packed to 10 positions (9 real + 1 of padding, which belongs to no rollout); rows 0 and 1 at positions 1, 2, 3
+    and 2 when padded to width 5."""
+    seq_lens, prompt_lens = torch.tensor([5, 4]), torch.tensor([2, 3])
+    packed = Segments.of_packed_responses(torch.tensor([0, 5, 9]), prompt_lens, 10, per_token=True)
+    assert packed.token_positions.tolist() == [1, 2, 3, 7]
+    assert packed.example_of_position.tolist() == [0] * 5 + [1] * 4 + [2]
+    assert Segments.of_packed_responses(torch.tensor([0, 5, 9]), prompt_lens, 10, per_token=False).token_positions is None
+
+    padded = Segments.of_padded_responses(seq_lens, prompt_lens, per_token=True)
+    assert padded.token_positions.tolist() == [1, 2, 3, 5 + 2]
+    assert padded.example_of_position.tolist() == [0] * 5 + [1] * 4 + [2], "row 1's padding belongs to no rollout"
+    rows = Segments.of_padded_responses(seq_lens, prompt_lens, per_token=False)
+    assert rows.batch_rows and rows.token_positions is None and rows.example_of_position.tolist() == [0] * 5 + [1] * 5

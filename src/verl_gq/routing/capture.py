@@ -161,6 +161,36 @@ class Segments:
         return cls._with_tokens(example, cu.shape[0] - 1, token_mask, (n_positions,))
 
     @classmethod
+    def of_packed_responses(cls, cu_seqlens: torch.Tensor, prompt_lens: torch.Tensor, n_positions: int,
+                            per_token: bool) -> "Segments":
+        """Packed prompt+response sequences; with `per_token`, the positions that score response tokens are stashed.
+
+        Response token j of sequence i is scored at the position before it (next-token logits): positions
+        [cu_i + prompt_len_i - 1, cu_{i+1} - 1), as verl's no_padding_2_padding slices log-probs."""
+        token_mask = None
+        if per_token:
+            cu = cu_seqlens.long()
+            positions = torch.arange(n_positions, device=cu.device)
+            sequence = torch.searchsorted(cu[1:], positions, right=True).clamp(max=cu.shape[0] - 2)
+            starts = (cu[:-1] + prompt_lens.to(cu.device).long() - 1)[sequence]
+            token_mask = (positions >= starts) & (positions < (cu[1:] - 1)[sequence])
+        return cls.packed(cu_seqlens, n_positions, token_mask=token_mask)
+
+    @classmethod
+    def of_padded_responses(cls, seq_lens: torch.Tensor, prompt_lens: torch.Tensor, per_token: bool) -> "Segments":
+        """A right-padded (batch, max seq_len) micro-batch of prompt+response rows; with `per_token`, the positions
+        [prompt_len_i - 1, seq_len_i - 1) that score row i's response tokens are stashed. Without it each row's
+        positions, padding included, go to its rollout: padding carries exactly zero gradient (out of the loss,
+        attended by no real token), so the stash broadcasts over rows instead of gathering positions."""
+        batch, width = seq_lens.shape[0], int(seq_lens.max().item())
+        if not per_token:
+            return cls.padded(batch, width)
+        positions = torch.arange(width, device=seq_lens.device).unsqueeze(0)
+        position_mask = positions < seq_lens.unsqueeze(1)
+        token_mask = (positions >= (prompt_lens - 1).unsqueeze(1)) & (positions < (seq_lens - 1).unsqueeze(1))
+        return cls.padded(batch, width, position_mask=position_mask, token_mask=token_mask)
+
+    @classmethod
     def _with_tokens(cls, example_of_position, n_examples, token_mask, shape) -> "Segments":
         if token_mask is None:
             return cls(example_of_position, n_examples, None)

@@ -247,46 +247,24 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         return loss, output
 
     def _segments_of(self, micro_batch: TensorDict) -> Segments:
-        """Which packed (or padded) position belongs to which rollout, and which positions score response tokens,
-        on the knobs' device.
-
-        Response token j of rollout i is scored at the position before it (next-token logits): positions
-        [prompt_len_i - 1, len_i - 1) of the sequence, as verl's no_padding_2_padding slices log-probs. verl hands
-        forward_step the micro-batch still on the host, so the index arithmetic (and its checks) costs no device
-        sync; the finished index tensors are copied to the device once.
-        """
-        segments = self._host_segments_of(micro_batch)
-        if self.position_gather and segments.batch_rows:
-            segments = Segments(segments.example_of_position, segments.n_examples)
-        return segments.to(self.adapter.knob_parameters()[0].device)
-
-    def _host_segments_of(self, micro_batch: TensorDict) -> Segments:
+        """Which packed (or padded) position belongs to which rollout, and which positions score response tokens
+        (Segments.of_packed_responses / of_padded_responses), on the knobs' device. verl hands forward_step the
+        micro-batch still on the host, so the index arithmetic (and its checks) costs no device sync; the finished
+        index tensors are copied to the device once."""
         input_ids = micro_batch["input_ids"]
         seq_lens = input_ids.offsets().diff()
-        resp_lens = micro_batch["responses"].offsets().diff().to(seq_lens.device)
-        prompt_lens = seq_lens - resp_lens
+        prompt_lens = seq_lens - micro_batch["responses"].offsets().diff().to(seq_lens.device)
         per_token = any(self.gq.routers[name].granularity == "token" for name in self.routing.active)
         if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
             cu = input_ids.offsets().long()
-            total = int(cu[-1].item()) + self._packed_pad_size(int(cu[-1].item()))
-            token_mask = None
-            if per_token:
-                # vectorised: position p of sequence i is scored iff cu[i] + prompt_len_i - 1 <= p < cu[i+1] - 1
-                positions = torch.arange(total, device=cu.device)
-                sequence = torch.searchsorted(cu[1:], positions, right=True).clamp(max=len(seq_lens) - 1)
-                starts = (cu[:-1] + prompt_lens.to(cu.device) - 1)[sequence]
-                ends = (cu[1:] - 1)[sequence]
-                token_mask = (positions >= starts) & (positions < ends)
-            return Segments.packed(cu, total, token_mask=token_mask)
-        batch, width = len(seq_lens), int(seq_lens.max().item())
-        if not per_token:
-            # each batch row's positions to its rollout, padding included (it carries exactly zero gradient: out of
-            # the loss, attended by no real token), so the stash broadcasts over rows instead of gathering positions
-            return Segments.padded(batch, width)
-        positions = torch.arange(width, device=seq_lens.device).unsqueeze(0)
-        position_mask = positions < seq_lens.unsqueeze(1)
-        token_mask = (positions >= (prompt_lens - 1).unsqueeze(1)) & (positions < (seq_lens - 1).unsqueeze(1))
-        return Segments.padded(batch, width, position_mask=position_mask, token_mask=token_mask)
+            packed_length = int(cu[-1].item())
+            segments = Segments.of_packed_responses(cu, prompt_lens, packed_length + self._packed_pad_size(packed_length),
+                                                    per_token)
+        else:
+            segments = Segments.of_padded_responses(seq_lens, prompt_lens, per_token)
+        if self.position_gather and segments.batch_rows:
+            segments = Segments(segments.example_of_position, segments.n_examples)
+        return segments.to(self.adapter.knob_parameters()[0].device)
 
     def _packed_pad_size(self, packed_length: int) -> int:
         pad = self._get_packed_pad_size(packed_length)
