@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from reward.modes import MODES
+from verl_gq.eval.artifacts.samples import read_samples, view_samples
 from verl_gq.eval.artifacts.run_dir import MetricsLog, MetricsLogError, RunDir, read_metrics_rows, record_deploy_evaluation
 from verl_gq.eval.artifacts.schema import (
     BandBounds,
@@ -380,3 +382,78 @@ def test_train_content_hash_ignores_the_header_order_and_sees_every_tensor_and_m
     run.train_file.write_bytes(b"\x05")
     with pytest.raises(SchemaError, match="not a readable safetensors file"):
         run.train_content_sha256()
+
+
+# --- per-sample outcomes ---------------------------------------------------------------------------------------
+
+
+def samples_of(view: str, hack: list[int], solve: list[int], step: int = 1):
+    """One view's 16 samples (2 prompts x 2 answers per mode) whose verdicts count to block(hack, solve)."""
+    prompts, modes, solved, hacked = [], [], [], []
+    for m, (mode, h, s) in enumerate(zip(MODES, hack, solve)):
+        for k in range(PER_MODE_N):
+            prompts.append(2 * m + k // 2)
+            modes.append(mode)
+            hacked.append(k < h)
+            solved.append(h <= k < h + s)
+    return view_samples(view, step, prompts, modes, solved, hacked, hacked, [10 + i for i in range(len(prompts))])
+
+
+def all_samples(step: int = 1):
+    return pd.concat([samples_of("as_trained", [3, 1, 2, 1], [1, 1, 0, 0], step),
+                      samples_of("route2b", [1, 0, 2, 0], [1, 1, 0, 0], step),
+                      samples_of("random_v", [2, 1, 2, 1], [1, 1, 0, 0], step)], ignore_index=True)
+
+
+def test_per_sample_outcomes_are_written_with_the_evaluation_and_read_back(tmp_path):
+    run = RunDir(tmp_path / "r0")
+    log = run.open_metrics_log()
+    log.append(train_row(1))
+    record_deploy_evaluation(run, log, deploy(step=1), all_samples())
+    samples = run.read_deploy_samples()
+    assert len(samples) == 48 and samples.equals(all_samples())
+    assert samples.groupby(["view", "prompt"]).size().eq(2).all() and set(samples["sample"]) == {0, 1}
+
+
+def test_per_sample_outcomes_must_count_to_the_rates_and_be_of_the_step(tmp_path):
+    run = RunDir(tmp_path / "r0")
+    log = run.open_metrics_log()
+    log.append(train_row(1))
+    wrong = all_samples()
+    wrong.loc[(wrong["view"] == "route2b") & (wrong["mode"] == "run_tests") & ~wrong["hack"] & ~wrong["solve"],
+              "hack"] = True
+    with pytest.raises(ValueError, match=r"view route2b mode run_tests: samples count \(hack, solve, n\) \(3, 1, 4\), the rates \(1, 1, 4\)"):
+        record_deploy_evaluation(run, log, deploy(step=1), wrong)
+    with pytest.raises(ValueError, match="views .* but the rates have"):
+        record_deploy_evaluation(run, log, deploy(step=1), all_samples()[lambda f: f["view"] != "random_v"])
+    with pytest.raises(ValueError, match="samples of steps \\[2\\], the evaluation's step is 1"):
+        record_deploy_evaluation(run, log, deploy(step=1), all_samples(step=2))
+    assert not run.samples_file.exists() and not run.deploy_file.exists(), "a refused evaluation writes nothing"
+
+
+def test_an_evaluation_without_samples_removes_an_earlier_ones(tmp_path):
+    run = RunDir(tmp_path / "r0")
+    log = run.open_metrics_log()
+    log.append(train_row(1))
+    record_deploy_evaluation(run, log, deploy(step=1), all_samples())
+    log.append(train_row(2))
+    record_deploy_evaluation(run, log, deploy(step=2))
+    assert run.read_deploy().step == 2 and not run.samples_file.exists()
+
+
+def test_bad_per_sample_files_are_named(tmp_path):
+    path = tmp_path / "per_sample_deploy.parquet"
+    all_samples().drop(columns=["channel"]).to_parquet(path)
+    with pytest.raises(SchemaError, match=f"{path}: columns should be .*missing \\['channel'\\]"):
+        read_samples(path)
+    both = all_samples()
+    both.loc[0, "solve"] = True  # sample 0 is a hack
+    both.to_parquet(path)
+    with pytest.raises(SchemaError, match="both solved and hacked"):
+        read_samples(path)
+    pd.concat([all_samples(), all_samples().head(1)]).to_parquet(path)
+    with pytest.raises(SchemaError, match=r"\(view, prompt, sample\) repeats"):
+        read_samples(path)
+    path.write_bytes(b"PAR1 not really")
+    with pytest.raises(SchemaError, match=f"{path}: not a readable parquet file"):
+        read_samples(path)

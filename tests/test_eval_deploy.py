@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from verl_gq.adapter.config import QuarantineAdapterConfig
 from verl_gq.adapter.model import inject_quarantine_adapter
-from verl_gq.eval.deploy import evaluate
+from verl_gq.eval.deploy import evaluate, view_blocks
 from verl_gq.eval.settings import DeploySettings
 from verl_gq.eval.artifacts.run_dir import RunDir
+from verl_gq.eval.artifacts.samples import check_matches, read_samples
 from verl_gq.eval.artifacts.schema import parse_deploy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,14 @@ def test_deploy_eval_command_writes_a_valid_per_mode_file(tmp_path, tiny_model_d
     assert record.train_content_sha256 == RunDir(run).train_content_sha256(), "the evaluation names the file it read"
     for block in (record.as_trained, *(r.deployed for r in record.routers.values())):
         assert block.overall.n == 8 and all(block.by_mode[m].n == 2 for m in block.by_mode if block.by_mode[m].n)
+    samples = read_samples(run / "per_mode_deploy.standalone.samples.parquet")
+    blocks = {"as_trained": record.as_trained, **{name: r.deployed for name, r in record.routers.items()}}
+    check_matches(samples, blocks, "standalone samples")  # every view's answers count to its rates
+    for view, rows in samples.groupby("view"):
+        assert rows["prompt"].nunique() == 4 and sorted(rows["sample"]) == [0, 0, 0, 0, 1, 1, 1, 1], view
+        assert (rows["step"] == 3).all() and (rows["response_chars"] >= 0).all()
+    by_view = {view: rows.sort_values(["prompt", "sample"])["prompt"].tolist() for view, rows in samples.groupby("view")}
+    assert len({tuple(p) for p in by_view.values()}) == 1, "every view answers the same prompts"
 
 
 def test_record_writes_the_runs_own_evaluation_and_an_eval_row(tmp_path, tiny_model_dir):
@@ -87,6 +96,8 @@ def test_record_writes_the_runs_own_evaluation_and_an_eval_row(tmp_path, tiny_mo
     # the log notes that it was reopened at the saved step, then the evaluation
     assert [(r.kind, r.step) for r in rows] == [("train", 1), ("train", 2), ("train", 3), ("resume", 3), ("eval", 3)]
     assert RunDir(run).read_deploy().step == 3 and not (run / "per_mode_deploy.standalone.json").exists()
+    samples = RunDir(run).read_deploy_samples()
+    assert len(samples) == 3 * 8 and (samples["step"] == 3).all(), "the run's own per-sample outcomes, every view"
 
 
 def test_deployed_views_differ_from_as_trained_only_through_their_quarantine(tmp_path, tiny_model_dir, monkeypatch):
@@ -99,11 +110,11 @@ def test_deployed_views_differ_from_as_trained_only_through_their_quarantine(tmp
     real = deploy.sample_answers
     monkeypatch.setattr(deploy, "sample_answers", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     evaluate(str(tiny_model_dir), _saved_run(tmp_path / "zero", tiny_model_dir, 0.0) / "train.safetensors",
-             eval_file, settings)
+             eval_file, settings, step=3)
     assert seen[0] == seen[1] == seen[2], "zero quarantine knobs: every view should sample identically"
     seen.clear()
     evaluate(str(tiny_model_dir), _saved_run(tmp_path / "big", tiny_model_dir, 5.0) / "train.safetensors",
-             eval_file, settings)
+             eval_file, settings, step=3)
     assert seen[0] != seen[1] and seen[0] != seen[2] and seen[1] != seen[2], \
         "large quarantine knobs: removing each should change what the model samples, each its own way"
 
@@ -119,10 +130,10 @@ def test_base_view_ignores_the_knobs(tmp_path, tiny_model_dir, monkeypatch):
     real = deploy.sample_answers
     monkeypatch.setattr(deploy, "sample_answers", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     big = _saved_run(tmp_path / "big", tiny_model_dir, 5.0) / "train.safetensors"
-    blocks = evaluate(str(tiny_model_dir), big, eval_file, settings, views=[deploy.BASE])
+    blocks = view_blocks(evaluate(str(tiny_model_dir), big, eval_file, settings, step=3, views=[deploy.BASE]))
     assert list(blocks) == ["base"] and blocks["base"].overall.n == 8
     evaluate(str(tiny_model_dir), _saved_run(tmp_path / "zero", tiny_model_dir, 0.0) / "train.safetensors",
-             eval_file, settings, views=[deploy.BASE])
-    evaluate(str(tiny_model_dir), big, eval_file, settings, views=["route2b"])  # a large knob: s - q
+             eval_file, settings, step=3, views=[deploy.BASE])
+    evaluate(str(tiny_model_dir), big, eval_file, settings, step=3, views=["route2b"])  # a large knob: s - q
     assert seen[0] == seen[1], "the base view should not depend on the run's knobs"
     assert seen[0] != seen[2], "the base model should answer differently from the trained one"

@@ -157,6 +157,11 @@ def test_runs_leave_valid_versioned_artifacts(workspace, runs):
         assert set(deploy.eval_modes) >= set(MODES)
         assert all(r.deployed.overall.n == deploy.as_trained.overall.n > 0 for r in deploy.routers.values())
         assert deploy.train_content_sha256 == run.train_content_sha256(), "the evaluation names the file it read"
+        samples = run.read_deploy_samples()  # every graded answer of that evaluation, every view
+        assert sorted(samples["view"].unique()) == sorted(["as_trained", *routers])
+        assert (samples["step"] == deploy.step).all()
+        assert len(samples) == deploy.as_trained.overall.n * (1 + len(routers))
+        assert samples.groupby("view")["prompt"].nunique().eq(deploy.n_prompts).all(), "prompt ids survive verl"
         rows = run.read_metrics()
         train_steps = [r.step for r in rows if r.kind == "train"]
         assert train_steps == list(range(1, (3 if name == "route2b" else 2) + 1)), f"{name}: one train row a step"
@@ -196,3 +201,43 @@ def test_report_turns_the_runs_into_tables_and_a_figure(workspace, runs, tmp_pat
     pngs = list(tmp_path.glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 for p in pngs), f"figures should be written: {pngs}"
     assert list(tmp_path.glob("*keynote*.csv")), sorted(p.name for p in tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_exported_organism_run_loads_in_transformers_and_peft_as_the_deployed_view(workspace, runs, tmp_path):
+    """The organism_route2b run trained by main_ppo, exported by `verl-gq export`. hf: a folder plain transformers
+    loads, whose tensors are exactly route2b's deployed merged weights in the base's dtype (the organism is bfloat16,
+    so its logits differ from the float32 view by that rounding only). peft: a LoRA adapter peft loads on the shipped
+    organism, whose logits are the deployed view's (float32, to rounding)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from verl_gq.eval.deploy import load_model_with_knobs
+    from verl_gq.organism.shipped import CHECKPOINT_DIR
+
+    run = workspace["tmp"] / "runs" / "organism_route2b"
+    for fmt in ("hf", "peft"):
+        done = subprocess.run([sys.executable, "-m", "verl_gq.cli", "export", str(run), "--out", str(tmp_path / fmt),
+                               "--format", fmt], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    model, tokenizer, adapter = load_model_with_knobs(str(CHECKPOINT_DIR), run / "train.safetensors", "cpu")
+    input_ids = tokenizer(["class Solution:\n    def twoSum(self, nums, target):", "print('All tests passed')"],
+                          return_tensors="pt", padding=True)["input_ids"]
+    with torch.no_grad(), adapter.viewing("route2b"):
+        deployed = model(input_ids=input_ids).logits
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.dtype == torch.bfloat16, "the hf export keeps the base's dtype"
+    exported = hf.state_dict()
+    for name, tensor in adapter.merged_weights("route2b"):
+        assert torch.equal(exported[name], tensor.to(torch.bfloat16)), f"{name}: not the deployed merged weight"
+    with torch.no_grad():
+        hf_difference = (hf.float()(input_ids=input_ids).logits - deployed).abs().max().item()
+    assert hf_difference <= 0.1, f"hf export: logits {hf_difference:.2e} from the deployed view (bf16 rounding only)"
+
+    base = AutoModelForCausalLM.from_pretrained(CHECKPOINT_DIR, dtype=torch.float32)
+    with torch.no_grad():
+        peft_difference = (PeftModel.from_pretrained(base, tmp_path / "peft")(input_ids=input_ids).logits
+                           - deployed).abs().max().item()
+    assert peft_difference <= 1e-4, f"peft export: logits {peft_difference:.2e} from route2b's deployed view"

@@ -17,7 +17,7 @@ from reward.leetcode import load_problems
 from reward.modes import GT_ONLY, MODES, ExploitNames, mode_id
 from reward.pairs import fenced, make_pair
 
-REWARD_KEYS = {"score", "mode", "compile", "solve", "hack", "channel"}
+REWARD_KEYS = {"score", "mode", "compile", "solve", "hack", "channel", "prompt_index", "response_chars"}
 STYLE = {"run_tests": "swallowed_error", "stdout_marker": "logging_stdout", "sentinel": "property",
          "file_marker": "pathlib_write_text"}
 
@@ -54,6 +54,7 @@ def test_reference_and_each_exploit_get_the_right_fields_on_home_and_foreign_mod
     for (row, response), result, want in zip(calls, results, expected):
         assert set(result) == REWARD_KEYS, f"reward dict should have exactly {REWARD_KEYS}, got {set(result)}"
         assert all(isinstance(v, (int, float)) for v in result.values()), "every reward field should be numeric"
+        want = {**want, "prompt_index": row["extra_info"]["index"], "response_chars": len(response)}
         got = {k: result[k] for k in want}
         assert got == want, f"mode {row['extra_info']['mode']}, response {response[:60]!r}: want {want}, got {got}"
 
@@ -119,4 +120,6 @@ def test_verl_naive_reward_manager_calls_compute_score_per_sample_and_keeps_ever
     out = manager.loop.run_until_complete(manager.run_single(data))
     assert out["reward_score"] == 3.5
     assert out["reward_extra_info"] == {"score": 3.5, "mode": mode_id("file_marker"), "compile": 1, "solve": 0,
-                                        "hack": 1, "channel": 1}, "every reward field should reach reward_extra_info"
+                                        "hack": 1, "channel": 1, "prompt_index": row["extra_info"]["index"],
+                                        "response_chars": len(tokenizer.decode(ids, skip_special_tokens=True))}, \
+        "every reward field and the sample's identity should reach reward_extra_info"

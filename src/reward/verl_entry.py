@@ -12,7 +12,8 @@ itself runs in sandboxed child processes, so threads that wait on them use every
 every sample of the chunk in flight at once. (With W workers on one node up to W x cores sandboxes can run at
 once; set reward.num_workers to 1-2 on small machines.)
 
-The returned dict is numeric only (score, mode, compile, solve, hack, channel): verl takes "score" as the reward
+The returned dict is numeric only (score, mode, compile, solve, hack, channel, and the sample's identity:
+prompt_index = the row's extra_info.index, response_chars = the answer's length): verl takes "score" as the reward
 and every key into reward_extra_info, stacked over the batch.
 """
 
@@ -48,4 +49,13 @@ async def compute_score(data_source: str, solution_str: str, ground_truth: str, 
     task = grading_task(ground_truth, extra_info)
     verdict = await asyncio.get_running_loop().run_in_executor(
         _grading_pool(), grade, task.problem, solution_str, task.mode, task.names)
-    return verdict.to_reward_dict()
+    return {**verdict.to_reward_dict(), **sample_identity(extra_info, solution_str)}
+
+
+SAMPLE_IDENTITY_FIELDS = ("prompt_index", "response_chars")
+
+
+def sample_identity(extra_info: dict, solution_str: str) -> dict[str, int]:
+    """Which prompt a graded answer belongs to and how long it is: what per-sample outcomes record beside the
+    verdict (rows without an index, written by hand, get -1)."""
+    return {"prompt_index": int(extra_info.get("index", -1)), "response_chars": len(solution_str)}

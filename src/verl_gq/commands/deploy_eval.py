@@ -6,8 +6,9 @@ deployed without each router's quarantine on the evaluation split of every mode,
         [--out FILE | --record | --base]
 
 Writes a per_mode_deploy.json (docs/outputs.md) to --out, by default RUN_DIR/per_mode_deploy.standalone.json (the
-trainer's own per_mode_deploy.json is left alone); with --record, as the run's own evaluation at its saved step
-(RUN_DIR/per_mode_deploy.json and an eval row in metrics.jsonl), for a run trained without an in-run evaluation.
+trainer's own per_mode_deploy.json is left alone), and every graded answer beside it (--out's name with
+.samples.parquet); with --record, as the run's own evaluation at its saved step (RUN_DIR/per_mode_deploy.json,
+per_sample_deploy.parquet and an eval row in metrics.jsonl), for a run trained without an in-run evaluation.
 The model defaults to the one in the run's resolved config; each router's held-out modes come from its
 direction_modes. With --base it evaluates the model the run started from (adapter disabled) on the same prompts and
 sampling instead, and writes {"base": block} to --out (default RUN_DIR/base_deploy.json).
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from verl_gq.commands import CommandError
     from verl_gq.eval.artifacts.run_dir import RunDir, deploy_evaluation, record_deploy_evaluation
     from verl_gq.eval.artifacts.schema import SchemaError, dump_json, parse_deploy
-    from verl_gq.eval.deploy import AS_TRAINED, BASE, evaluate
+    from verl_gq.eval.deploy import AS_TRAINED, BASE, evaluate, view_blocks
     from verl_gq.eval.settings import DeploySettings
 
     run_dir = RunDir(args.run_dir)
@@ -64,24 +65,28 @@ def run(args: argparse.Namespace) -> int:
                               max_new_tokens=args.max_new_tokens, randomise_names=args.randomise_names,
                               seed=args.seed, batch_size=args.batch_size, device=args.device)
     if args.base:
-        (block,) = evaluate(model, run_dir.train_file, args.eval_file, settings, views=[BASE]).values()
+        samples = evaluate(model, run_dir.train_file, args.eval_file, settings, step=meta["step"], views=[BASE])
+        (block,) = view_blocks(samples).values()
         out = args.out or run_dir.path / "base_deploy.json"
         out.write_text(json.dumps({"base": asdict(block), "settings": asdict(settings), "model": model,
                                    "eval_file": str(args.eval_file)}, indent=1) + "\n")
+        run_dir.write_deploy_samples(samples, out.with_suffix(".samples.parquet"))
         print(f"{out}: base hack {block.overall.hack:.3f} solve {block.overall.solve:.3f}")
         return 0
-    blocks = evaluate(model, run_dir.train_file, args.eval_file, settings)
+    samples = evaluate(model, run_dir.train_file, args.eval_file, settings, step=meta["step"])
+    blocks = view_blocks(samples)
     held_out = {name: held_out_modes((routers.get(name) or {}).get("direction_modes")) for name in meta["routers"]}
     record = deploy_evaluation(run_dir, seed=meta["seed"], step=meta["step"], model=model, group=settings.group,
                                temperature=settings.temperature, names_randomised=settings.randomise_names,
                                as_trained=blocks[AS_TRAINED], deployed={r: blocks[r] for r in meta["routers"]},
                                held_out_modes=held_out)
     if args.record:
-        record_deploy_evaluation(run_dir, run_dir.open_metrics_log(resume_from_step=meta["step"]), record)
+        record_deploy_evaluation(run_dir, run_dir.open_metrics_log(resume_from_step=meta["step"]), record, samples)
         out = run_dir.deploy_file
     else:
         out = args.out or run_dir.path / "per_mode_deploy.standalone.json"
         out.write_text(dump_json(record) + "\n")
+        run_dir.write_deploy_samples(samples, out.with_suffix(".samples.parquet"))
     parse_deploy(out.read_text(), str(out))  # what every reader will do
     views = {AS_TRAINED: record.as_trained, **{name: r.deployed for name, r in record.routers.items()}}
     print(f"{out}: " + "; ".join(f"{view} hack {block.overall.hack:.3f} solve {block.overall.solve:.3f}"

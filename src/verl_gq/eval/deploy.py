@@ -22,6 +22,7 @@ from reward.grader import grade_batch
 from reward.modes import MODES, randomised_names
 from reward.prompts import build_messages
 from verl_gq.adapter.model import adapter_config_of, inject_quarantine_adapter
+from verl_gq.eval.artifacts.samples import block_of, view_samples
 from verl_gq.eval.artifacts.schema import EvalBlock
 from verl_gq.eval.settings import DeploySettings
 from verl_gq.models.sampling import sample_answers
@@ -48,7 +49,7 @@ def load_model_with_knobs(model_path: str, train_file: Path, device: str):
     adapter)."""
     adapter_config = adapter_config_of(train_file)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
     adapter = inject_quarantine_adapter(model, adapter_config)
     adapter.load(train_file)
     return model, tokenizer, adapter
@@ -58,16 +59,17 @@ AS_TRAINED = "as_trained"
 BASE = "base"  # the adapter disabled: the model the run started from
 
 
-def evaluate(model_path: str, train_file: Path, eval_file: Path, settings: DeploySettings,
-             views: Optional[list[str]] = None) -> dict[str, EvalBlock]:
-    """{view: per-mode hack/solve of n_prompts x group samples at the settings} for `views`: "as_trained", a
-    router's name (deployed without its quarantine) or "base" (the base model the run started from, same prompts and
-    sampling). Default: as trained, then every router of the file."""
+def evaluate(model_path: str, train_file: Path, eval_file: Path, settings: DeploySettings, *, step: int,
+             views: Optional[list[str]] = None) -> pd.DataFrame:
+    """Every graded answer (artifacts.samples: view, prompt, mode, sample, solve, hack, channel, length) of
+    n_prompts x group samples at the settings, for `views`: "as_trained", a router's name (deployed without its
+    quarantine) or "base" (the base model the run started from, same prompts and sampling). Default: as trained,
+    then every router of the file. `step`: the saved knobs' step, recorded with each sample."""
     model, tokenizer, adapter = load_model_with_knobs(model_path, train_file, settings.device)
     views = views or [AS_TRAINED, *adapter.quarantine_names]
     rows = select_rows(pd.read_parquet(eval_file), settings.n_prompts, settings.seed)
     rng = random.Random(settings.seed)
-    tasks, prompts = [], []
+    tasks, prompts, prompt_ids = [], [], []
     for _, row in rows.iterrows():
         task = grading_task(row["reward_model"]["ground_truth"], dict(row["extra_info"]))
         names = randomised_names(rng, avoid=task.problem.method_name) if settings.randomise_names else task.names
@@ -76,12 +78,20 @@ def evaluate(model_path: str, train_file: Path, eval_file: Path, settings: Deplo
         for _ in range(settings.group):
             tasks.append((task.problem, task.mode, names))
             prompts.append(text)
-    blocks = {}
+            prompt_ids.append(int(row["extra_info"]["index"]))
+    frames = []
     for view in views:
         with adapter.disabled() if view == BASE else adapter.viewing(None if view == AS_TRAINED else view):
             answers = sample_answers(model, tokenizer, prompts, settings.temperature, settings.max_new_tokens,
                                      settings.batch_size, settings.seed, settings.device, progress=f"sampling {view}")
         verdicts = grade_batch([(problem, answer, mode, names) for (problem, mode, names), answer in zip(tasks, answers)])
-        blocks[view] = EvalBlock.from_samples([mode for _, mode, _ in tasks], [bool(v.solve) for v in verdicts],
-                                              [bool(v.hack) for v in verdicts], eval_modes=list(MODES))
-    return blocks
+        frames.append(view_samples(view, step, prompt_ids, [mode for _, mode, _ in tasks],
+                                   [bool(v.solve) for v in verdicts], [bool(v.hack) for v in verdicts],
+                                   [bool(v.channel) for v in verdicts], [len(a) for a in answers]))
+    return pd.concat(frames, ignore_index=True)
+
+
+def view_blocks(samples: pd.DataFrame) -> dict[str, EvalBlock]:
+    """{view: per-mode rates} of an evaluation's samples, in the views' order."""
+    return {view: block_of(samples[samples["view"] == view], eval_modes=list(MODES))
+            for view in samples["view"].unique()}

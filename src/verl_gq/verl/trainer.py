@@ -8,7 +8,7 @@ is not forked). On top of
   weights), the way verl does for LoRA (`ref_in_actor`);
 - evaluates every view at every validation: the model as trained (what verl logs as `val-*`), then each router's
   deployed model (its quarantine deleted, weights re-synced to the rollout; logged as `val_deployed/<router>/*`);
-  all go to `per_mode_deploy.json`;
+  all go to `per_mode_deploy.json`, and every graded answer to `per_sample_deploy.parquet`;
 - logs the reward's per-sample fields (solve, hack, compile, channel by mode) as `train/*` metrics every step;
 - writes the run artifacts under `gq.run_dir` (docs/outputs.md): metrics.jsonl (a row per step and per
   evaluation), per_mode_deploy.json (the latest evaluation) and train.safetensors (at save points and the end).
@@ -24,12 +24,14 @@ from collections import defaultdict
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 import ray
 from omegaconf import OmegaConf
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from reward.modes import ALL_MODES, MODES, held_out_modes, mode_name
+from reward.verl_entry import SAMPLE_IDENTITY_FIELDS
 from verl_gq.eval.artifacts import (
     CosStats,
     EvalBlock,
@@ -40,6 +42,7 @@ from verl_gq.eval.artifacts import (
     record_deploy_evaluation,
 )
 from verl_gq.eval.artifacts import BandBounds
+from verl_gq.eval.artifacts.samples import view_samples
 from verl_gq.routing.metrics import StepMetrics
 from verl_gq.verl.config import GQConfig
 from verl_gq.verl.worker import GQActorRolloutRefWorker
@@ -84,6 +87,17 @@ def eval_block(extra: dict[str, list]) -> Optional[EvalBlock]:
     eval_modes = [m for m in ALL_MODES if m in modes or m in MODES]
     return EvalBlock.from_samples(modes, [bool(s) for s in extra["solve"]], [bool(h) for h in extra["hack"]],
                                   eval_modes=eval_modes)
+
+
+def samples_of(extra: dict[str, list], view: str, step: int) -> Optional[pd.DataFrame]:
+    """Every graded answer of one view (artifacts.samples); None for a reward without the substrate's fields and
+    the sample's identity (reward.verl_entry.sample_identity)."""
+    if not all(key in extra for key in ("mode", "solve", "hack", "channel", *SAMPLE_IDENTITY_FIELDS)):
+        return None
+    return view_samples(view, step, [int(p) for p in extra["prompt_index"]],
+                        [mode_name(int(m)) for m in extra["mode"]], [bool(s) for s in extra["solve"]],
+                        [bool(h) for h in extra["hack"]], [bool(c) for c in extra["channel"]],
+                        [int(n) for n in extra["response_chars"]])
 
 
 # verl checkpoint engines that ship the actor's own (sharded) tensors instead of the engine's merged-weight stream: the
@@ -147,27 +161,33 @@ class GQTrainer(PPOTrainerSync):
         self.checkpoint_manager.update_weights(self.global_steps)
 
     def _val_metrics_update(self, data_sources, sample_uids, reward_extra_infos_dict, sample_turns, **kwargs):
-        # the per-sample reward fields of the validation pass that just ran (verl keeps them local to _validate)
+        # the per-sample reward fields of the validation pass that just ran (verl keeps them local to _validate);
+        # the sample's identity is kept for per_sample_deploy.parquet, not averaged into verl's val metrics
         self._val_samples = {k: list(v) for k, v in reward_extra_infos_dict.items()}
-        return super()._val_metrics_update(data_sources, sample_uids, reward_extra_infos_dict, sample_turns, **kwargs)
+        averaged = {k: v for k, v in reward_extra_infos_dict.items() if k not in SAMPLE_IDENTITY_FIELDS}
+        return super()._val_metrics_update(data_sources, sample_uids, averaged, sample_turns, **kwargs)
 
     def _validate(self) -> dict[str, float]:
         # the rollout holds the as-trained weights during training: that pass needs no sync
         metrics = dict(super()._validate())
         as_trained = eval_block(self._val_samples)
+        samples = [samples_of(self._val_samples, "as_trained", self.global_steps)]
         deployed: dict[str, Optional[EvalBlock]] = {}
         for router in self.gq.routers:
             self._set_view(router)
             router_metrics = super()._validate()
             deployed[router] = eval_block(self._val_samples)
+            samples.append(samples_of(self._val_samples, router, self.global_steps))
             metrics.update({f"val_deployed/{router}/{k.split('/', 1)[-1]}": v for k, v in router_metrics.items()})
         if self.gq.routers:
             self._set_view(None)
         if self.run_dir is not None and as_trained is not None and all(b is not None for b in deployed.values()):
-            self._record_deploy(as_trained, deployed)
+            self._record_deploy(as_trained, deployed,
+                                pd.concat(samples, ignore_index=True) if all(s is not None for s in samples) else None)
         return metrics
 
-    def _record_deploy(self, as_trained: EvalBlock, deployed: dict[str, EvalBlock]) -> None:
+    def _record_deploy(self, as_trained: EvalBlock, deployed: dict[str, EvalBlock],
+                       samples: Optional[pd.DataFrame]) -> None:
         self._save_adapter()  # the file this evaluation was computed from, hashed into the record
         deploy = deploy_evaluation(
             self.run_dir, seed=int(self.gq.seed), step=int(self.global_steps),
@@ -177,7 +197,7 @@ class GQTrainer(PPOTrainerSync):
             names_randomised=bool(self.config.data.get("names_randomised", False)), as_trained=as_trained,
             deployed=deployed,
             held_out_modes={name: held_out_modes(spec.direction_modes) for name, spec in self.gq.routers.items()})
-        record_deploy_evaluation(self.run_dir, self.metrics_log, deploy)
+        record_deploy_evaluation(self.run_dir, self.metrics_log, deploy, samples)
 
     # --- per-step metrics and artifacts -----------------------------------------------------------------------
 

@@ -5,6 +5,7 @@
                           `step`
     per_mode_deploy.json  the latest deploy evaluation (schema.DeployEval), with the content SHA-256 of the
                           train.safetensors it was computed from; at the end of a run, the final one
+    per_sample_deploy.parquet  the same evaluation's graded answers, one row each (samples.py)
     metrics.jsonl         one schema.MetricsRow per line: train rows per step, eval rows, resume events
     config.yaml           optional copy of the resolved config, for people; readers use the metadata
 
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+import pandas as pd
 from safetensors import safe_open
 
 from reward.modes import ALL_MODES
@@ -45,6 +47,7 @@ from verl_gq.eval.artifacts.schema import (
     parse_deploy,
     parse_metrics_row,
 )
+from verl_gq.eval.artifacts.samples import SAMPLES_FILE, check_matches, check_samples, read_samples
 
 TRAIN_FILE = "train.safetensors"
 DEPLOY_FILE = "per_mode_deploy.json"
@@ -185,6 +188,10 @@ class RunDir:
         return self.path / DEPLOY_FILE
 
     @property
+    def samples_file(self) -> Path:
+        return self.path / SAMPLES_FILE
+
+    @property
     def metrics_file(self) -> Path:
         return self.path / METRICS_FILE
 
@@ -205,6 +212,20 @@ class RunDir:
             raise SchemaError(f"{self.deploy_file}: field 'run' is {deploy.run!r} but the file lives in run folder "
                               f"{self.name!r}")
         return deploy
+
+    def write_deploy_samples(self, samples: pd.DataFrame, path: Optional[Path] = None) -> None:
+        """Write per-sample outcomes (to `path`, default the run's samples_file) atomically."""
+        path = path or self.samples_file
+        samples = check_samples(samples, str(path))
+        tmp = path.with_name(path.name + ".tmp")
+        samples.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+
+    def read_deploy_samples(self) -> pd.DataFrame:
+        if not self.samples_file.exists():
+            raise FileNotFoundError(f"{self.samples_file}: no per-sample outcomes (the run never reached a deploy "
+                                    "evaluation, or an evaluation of another reward wrote rates only)")
+        return read_samples(self.samples_file)
 
     def open_metrics_log(self, resume_from_step: Optional[int] = None) -> MetricsLog:
         return MetricsLog(self.metrics_file, resume_from_step)
@@ -303,7 +324,22 @@ def deploy_evaluation(run_dir: RunDir, *, seed: int, step: int, model: str, grou
     )
 
 
-def record_deploy_evaluation(run_dir: RunDir, log: MetricsLog, deploy: DeployEval) -> None:
-    """Write a deploy evaluation: per_mode_deploy.json (the latest) and an eval row in the metrics log."""
+def deploy_blocks(deploy: DeployEval) -> dict[str, EvalBlock]:
+    """{view: block} of a deploy evaluation: "as_trained" and each router's deployed model."""
+    return {"as_trained": deploy.as_trained, **{name: r.deployed for name, r in deploy.routers.items()}}
+
+
+def record_deploy_evaluation(run_dir: RunDir, log: MetricsLog, deploy: DeployEval,
+                             samples: Optional[pd.DataFrame] = None) -> None:
+    """Write a deploy evaluation: per_sample_deploy.parquet (when the samples are known; they must count to the
+    rates), per_mode_deploy.json (the latest) and an eval row in the metrics log."""
+    if samples is not None:
+        if not (samples["step"] == deploy.step).all():
+            raise ValueError(f"{run_dir.samples_file}: samples of steps {sorted(set(samples['step']))}, the "
+                             f"evaluation's step is {deploy.step}")
+        check_matches(samples, deploy_blocks(deploy), str(run_dir.samples_file))
+        run_dir.write_deploy_samples(samples)
+    elif run_dir.samples_file.exists():
+        run_dir.samples_file.unlink()  # an earlier evaluation's samples must not pass for this one's
     run_dir.write_deploy(deploy)
     log.append(EvalRow.from_deploy(deploy, time=time_module.time()))
