@@ -30,7 +30,6 @@ from verl_gq.eval.artifacts.schema import (
     RouterEval,
     RouterStep,
     TrainRow,
-    dump_json,
 )
 from verl_gq.eval.report.stats import mean_sem, paired_t_test
 from verl_gq.eval.report.tables import ablation_table, held_out_table, keynote_table

@@ -14,7 +14,6 @@ from typing import Optional
 
 import pandas as pd
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reward.dataset import grading_task

@@ -167,7 +167,7 @@ def run_pipeline(pipeline: Pipeline, value: Any) -> Any:
 def render_solution(pipeline: Pipeline, method_name: str, in_type: str) -> str:
     """The canonical solution code for `pipeline`: one assignment per op, then `return`."""
     var = PARAMETER_NAME[in_type]
-    lines = [f"class Solution:", f"    def {method_name}(self, {var}: {_ANNOTATION[in_type]}) -> "
+    lines = ["class Solution:", f"    def {method_name}(self, {var}: {_ANNOTATION[in_type]}) -> "
              f"{_ANNOTATION[_out_type(pipeline, in_type)]}:"]
     for step in pipeline:
         out_var = PARAMETER_NAME[step.spec.out_type]

@@ -170,7 +170,6 @@ def extract_direction(pair_grads: PairGradients, k: int = 1) -> Direction:
     then means the same thing in every module (separate per-module SVDs would pair each module's j-th vector with
     the others' arbitrarily). Every direction is oriented hack-ward: most pairs project positively on it (ties: the
     sign of their sum)."""
-    n = pair_grads.n_pairs
     diffs = {m: pair_grads.hack[m] - pair_grads.clean[m] for m in pair_grads.hack}
     _check_finite(diffs, "pair gradients")
     norms = torch.stack([d.pow(2).sum(1) for d in diffs.values()]).sum(0).sqrt()
