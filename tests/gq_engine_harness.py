@@ -78,6 +78,8 @@ def run(model_dir: str, options: dict) -> dict:
         for key, values in merged.get("extra_fields", {}).items():
             data[key] = torch.tensor(values)
         results[arm] = actor_update(engine, data, loss_fn, step=steps > 0, read_grads=True)
+        if steps:
+            results[arm]["knobs_after_first_step"] = knob_values(engine)
         if steps > 1 and merged.get("check_grads_kept_allocated"):
             knobs = engine.adapter.knob_parameters()
             held = [knob.grad for knob in knobs]

@@ -10,6 +10,7 @@ gloo CPU rank or, where there is one, a GPU.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -246,15 +247,33 @@ def test_routing_metrics_are_reported(arms):
     assert 0.0 <= metrics["gq/route2b/frout"] <= 1.0
 
 
+def test_each_router_reports_its_quarantine_against_the_effective_knob_after_the_update(arms):
+    """gq/<router>/quarantine_to_effective_norm = ||q|| / ||s|| over every module's knob, read after the step's
+    update (the first step's knobs), for each of the study's routers."""
+    knobs = arms["study"]["knobs_after_first_step"]
+
+    def norm(column: str) -> float:
+        return math.sqrt(sum(v * v for module in knobs.values() for v in module[column]))
+
+    for router in STUDY_ROUTERS:
+        reported = arms["study"]["metrics"][f"gq/{router}/quarantine_to_effective_norm"]
+        assert reported == pytest.approx(norm(router) / norm("effective"), rel=1e-5), router
+    assert any(arms["study"]["metrics"][f"gq/{router}/quarantine_to_effective_norm"] > 0 for router in STUDY_ROUTERS)
+
+
 def _assert_same_routing(a: dict, b: dict, what: str) -> None:
     """Two runs of one arm route alike: every knob gradient column within TOL of scale (GPU kernels need not be
-    bitwise deterministic between two engines) and every routing metric but the refresh's wall time."""
+    bitwise deterministic between two engines) and every routing metric but the refresh's wall time (and the
+    knob norms after an update, which an arm that made none does not report)."""
     for column in next(iter(a["grads"].values())):
         scale = _scale(a["grads"], column) or 1.0
         diff = _max_diff(a["grads"], b["grads"], column)
         assert diff <= TOL * scale, f"{what}: {column} gradients differ by {diff:.3e} (scale {scale:.3e})"
     metrics_a = {k: v for k, v in a["metrics"].items() if not k.endswith("refresh/seconds")}
     metrics_b = {k: v for k, v in b["metrics"].items() if not k.endswith("refresh/seconds")}
+    if "knobs_after_steps" not in a or "knobs_after_steps" not in b:
+        metrics_a, metrics_b = ({k: v for k, v in m.items() if not k.endswith("/quarantine_to_effective_norm")}
+                                for m in (metrics_a, metrics_b))
     assert metrics_a.keys() == metrics_b.keys(), f"{what}: different routing metrics"
     for key, value in metrics_a.items():
         assert value == pytest.approx(metrics_b[key], rel=1e-5, abs=1e-6), f"{what}: {key} {value} vs {metrics_b[key]}"

@@ -201,6 +201,17 @@ def test_clipping_reads_the_effective_gradient_only():
         "every column scaled by the same coefficient"
 
 
+def test_column_norms_are_each_columns_norm_over_every_knob_and_rank():
+    generator = torch.Generator().manual_seed(3)
+    knobs = [torch.nn.Parameter(torch.randn(rows, 3, generator=generator, dtype=torch.float64)) for rows in (4, 7, 1)]
+    optimizer = QuarantineAdamW(knobs)
+    whole = torch.cat([k.detach() for k in knobs])
+    expected = torch.stack([whole[:, j].norm() for j in range(3)])
+    assert torch.allclose(optimizer.column_norms(), expected, rtol=1e-15, atol=0)
+    # two ranks holding equal shards: the squared sums add
+    assert torch.allclose(optimizer.column_norms(reduce=lambda t: 2 * t), math.sqrt(2) * expected, rtol=1e-15)
+
+
 def test_bad_options_and_shapes_fail_clearly():
     knob = torch.nn.Parameter(torch.zeros(4, 2))
     with pytest.raises(ValueError, match="amsgrad"):

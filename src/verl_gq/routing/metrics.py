@@ -43,7 +43,10 @@ class RouterMetrics:
     """One router's step. frout: routed fraction of gradient mass (sum_u w_u ||g_u|| / sum_u ||g_u||, global);
     kept/quarantine_grad_norm: norms of its kept (total - routed) and routed gradients; band: the last gated
     micro-batch's [lower, upper] (None for a router with no band); band_degenerate_fraction: micro-batches gated with
-    a degenerate band; cos/token_cos: score statistics of its rollouts / tokens; refresh: set on refresh steps."""
+    a degenerate band; cos/token_cos: score statistics of its rollouts / tokens; refresh: set on refresh steps;
+    quarantine_to_effective_norm: ||q|| / ||s|| over all knobs after the step's update, its quarantine against the
+    effective knob (the routed share divides by the effective gradient's second moment, so it can outgrow s where
+    the total gradient cancels: docs/method.md, section 6)."""
 
     frout: float
     kept_grad_norm: float
@@ -54,6 +57,7 @@ class RouterMetrics:
     cos: Optional[ScoreStats] = None
     token_cos: Optional[ScoreStats] = None
     refresh: Optional[Refresh] = None
+    quarantine_to_effective_norm: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,12 @@ class StepMetrics:
     n_examples: float
     total_grad_norm: float
     routers: dict[str, RouterMetrics] = field(default_factory=dict)
+
+    def with_quarantine_norms(self, ratios: Mapping[str, float]) -> "StepMetrics":
+        """This record with each named router's quarantine_to_effective_norm set."""
+        routers = {name: dataclasses.replace(router, quarantine_to_effective_norm=float(ratios[name]))
+                   if name in ratios else router for name, router in self.routers.items()}
+        return dataclasses.replace(self, routers=routers)
 
     def flat(self) -> dict[str, float]:
         """{name: value} for verl's metrics: `n_examples`, `total_grad_norm`, `<router>/<field>` and

@@ -150,6 +150,16 @@ class QuarantineAdamW(torch.optim.Optimizer):
         torch._foreach_mul_(grads, coefficient)
         return norm
 
+    @torch.no_grad()
+    def column_norms(self, reduce: Optional[Reduce] = None) -> torch.Tensor:
+        """The L2 norm of each knob column (the effective knob s, then each quarantine q_j) over all knobs and,
+        through `reduce`, all ranks: a (1 + Q,) float64 tensor on the knobs' device."""
+        values = [local_tensor(k).detach() for group in self.param_groups for k in group["params"]]
+        squares = torch.cat([v.reshape(-1, v.shape[-1]) for v in values]).double().square().sum(0)
+        if reduce is not None:
+            squares = reduce(squares)
+        return squares.sqrt()
+
 
 class PerRowAdamW(QuarantineAdamW):
     """The ablation: the kept knob k = s - q and one quarantine q as two independent AdamW rows (first AND second

@@ -45,6 +45,7 @@ from verl_gq.adapter.config import QuarantineAdapterConfig
 from verl_gq.adapter.model import QuarantineAdapter, inject_quarantine_adapter
 from verl_gq.routing.capture import KnobGradientCapture, Segments
 from verl_gq.routing.controller import RoutingController
+from verl_gq.routing.metrics import StepMetrics
 from verl_gq.routing.optimizer import QuarantineAdamW, build_knob_optimizer
 from verl_gq.routing.router import write_knob_grads
 from verl_gq.verl.config import GQConfig, GQConfigError
@@ -81,6 +82,7 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         # stash every micro-batch by the per-position gather packed batches need, also where whole padded rows would
         # broadcast (benchmarks time the packed path's stash on a padded batch this way)
         self.position_gather = False
+        self._step_metrics: Optional[tuple[StepMetrics, dict]] = None  # this mini-batch's, until its update is made
 
     # --- model ------------------------------------------------------------------------------------------------
 
@@ -202,7 +204,18 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
                 self.optimizer.zero_grad()
             else:
                 self.optimizer.step()
+            if self._step_metrics is not None:
+                self._complete_step_metrics(*self._step_metrics)
+                self._step_metrics = None
         return grad_norm.item()
+
+    def _complete_step_metrics(self, metrics: StepMetrics, flat: dict) -> None:
+        """Adds each router's ||q|| / ||s|| after this update to the step's metrics (already in verl's output)."""
+        norms = self.optimizer.column_norms(reduce=self._all_reduce_dp).tolist()
+        effective = norms[0]
+        ratios = {name: (norm / effective if effective > 0 else float("nan"))
+                  for name, norm in zip(self.adapter.quarantine_names, norms[1:])}
+        flat.update({f"gq/{key}": [value] for key, value in metrics.with_quarantine_norms(ratios).flat().items()})
 
     def forward_backward_batch(self, data: TensorDict, loss_function: Callable, forward_only=False):
         if forward_only or self.adapter is None:
@@ -231,6 +244,7 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         flat = {f"gq/{key}": [value] for key, value in metrics.flat().items()}
         flat["gq/optimizer_steps"] = [float(self.routing.optimizer_steps)]
         output.setdefault("metrics", {}).update(flat)
+        self._step_metrics = (metrics, output["metrics"])  # completed by optimizer_step, after the update
         return output
 
     def forward_step(self, micro_batch: TensorDict, loss_function, forward_only):
