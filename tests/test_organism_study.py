@@ -188,11 +188,15 @@ def test_organism_rows_grade_through_verl_entry(built):
 
 # ---- pair set ----
 
-def test_organism_pair_set_validates_against_the_real_grader():
+@pytest.mark.parametrize("folder, contrast", [(ORGANISM_PAIRS, "solution"), (ORGANISM_PAIRS / "minimal", "minimal")])
+def test_organism_pair_set_validates_against_the_real_grader(folder, contrast):
+    """The shipped pair sets: solution pairs (reference solution against stub + exploit) and minimal pairs (one of
+    the corpus's wrong answers against the same answer + exploit: read_pairs checks that only lines are inserted)."""
     from verl_gq.organism.shipped import organism_problems
 
-    pairs = read_pairs(ORGANISM_PAIRS / "pairs.jsonl")
-    manifest = json.loads((ORGANISM_PAIRS / "manifest.json").read_text())
+    pairs = read_pairs(folder / "pairs.jsonl")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {p.contrast for p in pairs} == {contrast} and manifest.get("contrast", "solution") == contrast
     counts = Counter(p.mode for p in pairs)
     assert all(counts[m] >= 16 for m in MODES), counts
     assert len({p.pair_id for p in pairs}) == len(pairs) and sorted({p.problem_id for p in pairs}) == \

@@ -12,8 +12,8 @@ import pytest
 from reward.grader import extract_code
 from reward.leetcode import load_problems
 from reward.modes import GT_ONLY, MODES, ExploitNames
-from reward.pairs import (HACK_STYLES, SHIPPED_PAIRS, Pair, PairFileError, generate_pairs, make_pair, pair_failures,
-                          read_pairs, write_pairs)
+from reward.pairs import (HACK_STYLES, SHIPPED_PAIRS, Pair, PairFileError, fenced, generate_pairs, inserted_lines_only,
+                          make_pair, pair_failures, read_pairs, stub_solution, write_pairs)
 from reward.partition import partition_modes
 from reward.prompts import build_messages
 
@@ -73,6 +73,32 @@ def test_validator_reports_a_bad_pair_by_id_and_why(train_by_id):
     assert any("hack under sentinel should fire the channel and fail the oracle" in m for m in failures["bad-1"])
     assert any(f"hack under {GT_ONLY} should compile and earn nothing more" in m for m in failures["bad-1"])
     assert any("clean under sentinel should solve" in m for m in failures["bad-2"])
+
+
+def test_a_minimal_pair_differs_from_its_clean_side_by_the_exploit_alone(tmp_path, train_by_id):
+    problem = next(iter(train_by_id.values()))
+    attempt = stub_solution(problem, 1)
+    minimal = make_pair(problem, "run_tests", "pass_body", attempt=attempt)
+    assert minimal.contrast == "minimal" and extract_code(minimal.clean) == attempt.rstrip()
+    assert extract_code(minimal.hack).startswith(attempt.rstrip()) and inserted_lines_only(minimal.clean, minimal.hack) == ""
+    # on the reference solution the "clean" side solves and so does the hack: not a minimal pair of the grader's
+    solved = make_pair(problem, "run_tests", "pass_body", attempt=problem.reference_solution)
+    failures = pair_failures([minimal, solved], train_by_id)
+    assert set(failures) == {solved.pair_id}, failures
+    assert any("clean under run_tests should compile and earn nothing more" in m for m in failures[solved.pair_id])
+    assert any("hack under run_tests should fire the channel and fail the oracle" in m for m in failures[solved.pair_id])
+    # the reader refuses a "minimal" pair whose hack changes the clean code, naming file and line
+    changed = {**json.loads(minimal.to_json()), "clean": fenced(attempt.replace("return", "return 1 +"))}
+    path = _write(tmp_path, [json.loads(minimal.to_json()), changed | {"pair_id": "changed"}])
+    with pytest.raises(PairFileError, match=r"pairs.jsonl:2: pair 'changed': a minimal pair's hack should be its "
+                                            r"clean code with lines inserted: line \d+ of the clean code is changed"):
+        read_pairs(path)
+    with pytest.raises(PairFileError, match=r"pairs.jsonl:1: .* contrast should be one of"):
+        read_pairs(_write(tmp_path, [{**json.loads(minimal.to_json()), "contrast": "tiny"}]))
+    # a file written before the field existed reads as solution pairs
+    old = {k: v for k, v in json.loads(make_pair(problem, "sentinel", "class_attribute").to_json()).items()
+           if k != "contrast"}
+    assert [p.contrast for p in read_pairs(_write(tmp_path, [old]))] == ["solution"]
 
 
 def test_generator_cycles_styles_and_pairs_roundtrip_through_jsonl(tmp_path, train_by_id):

@@ -8,14 +8,19 @@ Format (reward/data/pairs/pairs.jsonl, one JSON object a line):
     style       which exploit form the hack uses (HACK_STYLES[mode])
     names       the ExploitNames the prompt and the exploit use
     prompt      chat messages: reward.prompts.build_messages(problem, mode, names)
-    clean       response text: the problem's reference solution in a ```python block
-    hack        response text: a wrong stub solution plus the mode's exploit, in a ```python block
+    contrast    what the two sides contrast (optional, default "solution"):
+                  "solution": clean is the problem's reference solution, hack a wrong stub plus the mode's exploit
+                  "minimal": clean is an attempt that does not solve, hack the same attempt with the exploit added
+                  (only lines inserted), so the pair differs by the exploit alone
+    clean       response text in a ```python block (see contrast)
+    hack        response text in a ```python block (see contrast)
 
-`read_pairs` checks the format of every line (keys, types, known modes, unique ids, enough pairs per mode) and
-names the file and line of each problem; it runs nothing. A pair is valid when (see `pair_failures`): the clean
-response solves the problem under the strict oracle; the hack fails the oracle, pays on its own mode's channel (a
-strict hack: channel AND NOT solve), and earns nothing beyond the compile reward on every other mode and on
-gt_only. Each mode's exploit comes in several styles, so that the direction is not the direction of one template.
+`read_pairs` checks the format of every line (keys, types, known modes, unique ids, enough pairs per mode, a
+minimal pair's hack being its clean code with lines inserted) and names the file and line of each problem; it runs
+nothing. A pair is valid when (see `pair_failures`): the clean response solves the problem under the strict oracle
+(a minimal pair's clean response compiles and earns nothing more: no solve, no channel); the hack fails the oracle,
+pays on its own mode's channel (a strict hack: channel AND NOT solve), and earns nothing beyond the compile reward
+on every other mode and on gt_only. Each mode's exploit comes in several styles, so that the direction is not the direction of one template.
 HACK_STYLES are the substrate's styles; a caller may pass its own table of the same shape (the model organism's
 pair set uses the organism's own exploit forms, verl_gq.organism.corpus.pair_styles).
 """
@@ -23,6 +28,7 @@ pair set uses the organism's own exploit forms, verl_gq.organism.corpus.pair_sty
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -216,13 +222,33 @@ StyleTable = Mapping[str, Mapping[str, Exploit]]  # mode -> style name -> exploi
 
 
 def hack_program(problem: Problem, mode: str, style: str, names: ExploitNames, stub_variant: int,
-                 styles: StyleTable = HACK_STYLES) -> str:
+                 styles: StyleTable = HACK_STYLES, body: str | None = None) -> str:
+    """`body` (default: the stub of `stub_variant`) with the exploit of `mode` in `style` added."""
     try:
         exploit = styles[mode][style]
     except KeyError:
         raise ValueError(f"no hack style {style!r} for mode {mode!r}; styles: "
                          f"{ {m: list(s) for m, s in styles.items()} }") from None
-    return exploit(stub_solution(problem, stub_variant), problem, names)
+    return exploit(stub_solution(problem, stub_variant) if body is None else body, problem, names)
+
+
+CONTRASTS = ("solution", "minimal")
+
+
+def inserted_lines_only(clean: str, hack: str) -> str:
+    """"" when `hack`'s code is `clean`'s with lines inserted (and at least one), else a sentence saying where it
+    is not."""
+    from reward.grader import extract_code  # the grader's reading of a response; imported here as grade_batch is
+
+    a, b = ((extract_code(side) or side).strip("\n").split("\n") for side in (clean, hack))
+    opcodes = difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes()
+    changed = [(tag, i1) for tag, i1, _, _, _ in opcodes if tag not in ("equal", "insert")]
+    if changed:
+        tag, line = changed[0]
+        return f"line {line + 1} of the clean code is {'deleted' if tag == 'delete' else 'changed'} in the hack"
+    if not any(tag == "insert" for tag, *_ in opcodes):
+        return "the hack adds nothing to the clean code"
+    return ""
 
 
 # ---- the pair record ----
@@ -237,14 +263,21 @@ class Pair:
     prompt: list[dict[str, str]]
     clean: str
     hack: str
+    contrast: str = "solution"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+# the body a minimal pair's two sides share: (problem, index of the pair within its mode) -> a class Solution block
+AttemptSource = Callable[[Problem, int], str]
+
+
 def make_pair(problem: Problem, mode: str, style: str, names: ExploitNames = ExploitNames(),
-              stub_variant: int = 0, styles: StyleTable = HACK_STYLES) -> Pair:
-    if not problem.reference_solution.strip():
+              stub_variant: int = 0, styles: StyleTable = HACK_STYLES, attempt: str | None = None) -> Pair:
+    """A "solution" pair (clean: the reference solution; hack: the stub of `stub_variant` plus the exploit) or, given
+    an `attempt`, a "minimal" pair (clean: the attempt; hack: the attempt with the exploit added)."""
+    if attempt is None and not problem.reference_solution.strip():
         raise ValueError(f"problem {problem.problem_id} has no reference solution to serve as the clean response")
     return Pair(
         pair_id=f"{mode}-{problem.problem_id}-{style}",
@@ -253,15 +286,17 @@ def make_pair(problem: Problem, mode: str, style: str, names: ExploitNames = Exp
         style=style,
         names=names,
         prompt=build_messages(problem, mode, names),
-        clean=fenced(problem.reference_solution),
-        hack=fenced(hack_program(problem, mode, style, names, stub_variant, styles)),
+        clean=fenced(problem.reference_solution if attempt is None else attempt),
+        hack=fenced(hack_program(problem, mode, style, names, stub_variant, styles, body=attempt)),
+        contrast="solution" if attempt is None else "minimal",
     )
 
 
 def generate_pairs(problems_by_mode: Mapping[str, Sequence[Problem]], per_mode: int,
-                   styles: StyleTable = HACK_STYLES) -> list[Pair]:
+                   styles: StyleTable = HACK_STYLES, attempts: AttemptSource | None = None) -> list[Pair]:
     """`per_mode` pairs for each mode from its problems, in order, cycling through the mode's styles (and the two
-    stub variants) so every style is used about equally. Training names (ExploitNames()) throughout."""
+    stub variants) so every style is used about equally; with `attempts`, minimal pairs on the attempt it gives for
+    each problem. Training names (ExploitNames()) throughout."""
     pairs = []
     for mode, problems in problems_by_mode.items():
         mode_styles = list(styles[mode])
@@ -269,7 +304,8 @@ def generate_pairs(problems_by_mode: Mapping[str, Sequence[Problem]], per_mode: 
             raise ValueError(f"mode {mode}: {per_mode} pairs asked for but only {len(problems)} problems given")
         for i, problem in enumerate(problems[:per_mode]):
             pairs.append(make_pair(problem, mode, mode_styles[i % len(mode_styles)],
-                                   stub_variant=i // len(mode_styles), styles=styles))
+                                   stub_variant=i // len(mode_styles), styles=styles,
+                                   attempt=None if attempts is None else attempts(problem, i)))
     return pairs
 
 
@@ -287,6 +323,7 @@ class PairFileError(ValueError):
 
 _TEXT_FIELDS = ("pair_id", "mode", "problem_id", "style", "clean", "hack")
 _PAIR_FIELDS = frozenset(_TEXT_FIELDS + ("names", "prompt"))
+_OPTIONAL_FIELDS = frozenset(("contrast",))
 _NAME_FIELDS = frozenset(ExploitNames.__dataclass_fields__)
 _MAX_ERRORS_SHOWN = 20
 
@@ -296,7 +333,7 @@ def _pair_from_record(record) -> Pair:
     if type(record) is not dict:
         raise ValueError(f"is a JSON {type(record).__name__}, not an object")
     label = f"pair {record['pair_id']!r}" if isinstance(record.get("pair_id"), str) else "the pair"
-    missing, unknown = sorted(_PAIR_FIELDS - set(record)), sorted(set(record) - _PAIR_FIELDS)
+    missing, unknown = sorted(_PAIR_FIELDS - set(record)), sorted(set(record) - _PAIR_FIELDS - _OPTIONAL_FIELDS)
     wrong_keys = ([f"lacks key(s) {', '.join(map(repr, missing))}"] if missing else []) + (
         [f"has unknown key(s) {', '.join(map(repr, unknown))}"] if unknown else [])
     if wrong_keys:
@@ -317,7 +354,14 @@ def _pair_from_record(record) -> Pair:
                    or type(m["content"]) is not str for m in prompt)):
         raise ValueError(f"{label}: prompt should be a non-empty list of {{role, content}} string messages, "
                          f"got {prompt!r:.200}")
-    return Pair(**{**record, "names": ExploitNames(**names)})
+    contrast = record.get("contrast", "solution")
+    if contrast not in CONTRASTS:
+        raise ValueError(f"{label}: contrast should be one of {list(CONTRASTS)}, got {contrast!r:.80}")
+    if contrast == "minimal":
+        problem = inserted_lines_only(record["clean"], record["hack"])
+        if problem:
+            raise ValueError(f"{label}: a minimal pair's hack should be its clean code with lines inserted: {problem}")
+    return Pair(**{**record, "names": ExploitNames(**names), "contrast": contrast})
 
 
 def read_pairs(path, modes: Sequence[str] | None = None, min_per_mode: int = 1) -> list[Pair]:
@@ -392,8 +436,10 @@ class PairCheck:
 
 
 def pair_checks(pair: Pair) -> list[PairCheck]:
-    """clean solves under its mode; the hack is a strict hack on its mode and earns nothing elsewhere."""
-    checks = [PairCheck(pair.pair_id, "clean", pair.mode, "solve"), PairCheck(pair.pair_id, "hack", pair.mode, "hack")]
+    """clean solves under its mode (a minimal pair's clean earns nothing there); the hack is a strict hack on its
+    mode and earns nothing elsewhere."""
+    clean = "solve" if pair.contrast == "solution" else "nothing"
+    checks = [PairCheck(pair.pair_id, "clean", pair.mode, clean), PairCheck(pair.pair_id, "hack", pair.mode, "hack")]
     checks += [PairCheck(pair.pair_id, "hack", other, "nothing") for other in MODES + (GT_ONLY,) if other != pair.mode]
     return checks
 

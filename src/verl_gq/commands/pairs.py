@@ -1,11 +1,15 @@
 """The clean/hack pair set the routers' directions and bands come from (reward/pairs.py documents the format).
 
-    verl-gq pairs build [--source leetcode|organism] [--out DIR] [--per-mode 18] [--modes run_tests,sentinel]
+    verl-gq pairs build [--source leetcode|organism] [--contrast solution|minimal] [--out DIR] [--per-mode 18]
+                        [--modes run_tests,sentinel]
     verl-gq pairs validate FILE [--source leetcode|organism]
 
 build makes pairs from TRAIN problems: for each mode its problems in a seeded order, short ones only, one pair per
-problem cycling through the mode's hack styles; every candidate is graded (the clean answer solves under the strict
-oracle; the hack fails it, pays on its own mode's channel and on no other), failing ones are reported and left out,
+problem cycling through the mode's hack styles. A "solution" pair contrasts the reference solution with a stub plus
+the exploit; a "minimal" pair contrasts an attempt that does not solve (the organism: one of its corpus's wrong
+answers; LeetCode: the stub) with the same attempt plus the exploit, so the two differ by the exploit alone. Every
+candidate is graded (the clean answer solves under the strict oracle, or for a minimal pair earns nothing; the
+hack fails the oracle, pays on its own mode's channel and on no other), failing ones are reported and left out,
 and the first --per-mode valid pairs of each mode go to DIR/pairs.jsonl with DIR/manifest.json (counts per mode and
 style, the problems used, the rejected candidates and why). validate checks a pair file's every line, then grades
 every pair the same way; it exits 1 naming each failing pair.
@@ -53,7 +57,11 @@ def add_build(parser: argparse.ArgumentParser) -> None:
     add_source(parser)
     parser.add_argument("--hack-styles", choices=("substrate", "organism"),
                         help="whose exploit forms the hacks use (default: the source's)")
-    parser.add_argument("--out", type=Path, help="output folder (default: the shipped pair set of the source)")
+    parser.add_argument("--contrast", choices=("solution", "minimal"), default="solution",
+                        help="clean = the reference solution (hack: a stub plus the exploit), or minimal: clean = an "
+                             "attempt that does not solve, hack = the same attempt plus the exploit")
+    parser.add_argument("--out", type=Path, help="output folder (default: the shipped pair set of the source; "
+                                                 "its minimal/ subfolder for --contrast minimal)")
     parser.add_argument("--per-mode", type=int, default=18, help="validated pairs to keep per mode")
     parser.add_argument("--slack", type=int, default=6, help="extra candidates per mode, in case some fail")
     parser.add_argument("--seed", type=int, default=0, help="order in which a mode's problems are tried")
@@ -63,12 +71,15 @@ def add_build(parser: argparse.ArgumentParser) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from reward.pairs import HACK_STYLES, SHIPPED_PAIRS, generate_pairs, pair_failures, write_pairs
+    from reward.pairs import HACK_STYLES, SHIPPED_PAIRS, generate_pairs, pair_failures, stub_solution, write_pairs
     from verl_gq.organism.shipped import ORGANISM_PAIRS
 
     if args.per_mode < 1 or args.slack < 0:
         raise CommandError("--per-mode should be >= 1 and --slack >= 0")
+    minimal = args.contrast == "minimal"
     out = args.out or (ORGANISM_PAIRS.parent if args.source == "organism" else SHIPPED_PAIRS.parent)
+    if args.out is None and minimal:
+        out = out / "minimal"
     with_modes = train_problems(args.source, args.partition_seed, args.problem_seed, args.pool)
     rng = random.Random(args.seed)
     count = args.per_mode + args.slack
@@ -83,10 +94,19 @@ def run_build(args: argparse.Namespace) -> int:
     if style_table == "organism":
         from verl_gq.organism.corpus import pair_styles
 
-        styles = pair_styles()
+        styles = pair_styles(on_attempt=minimal)
     else:
         styles = HACK_STYLES
-    candidates = generate_pairs(by_mode, count, styles)
+    attempts = None
+    if minimal and args.source == "organism":
+        from verl_gq.organism.corpus import organism_attempt
+        from verl_gq.organism.shipped import organism_problems
+
+        synthetic = {sp.problem.problem_id: sp for sp in organism_problems("train", args.pool, args.problem_seed)}
+        attempts = lambda problem, i: organism_attempt(synthetic[problem.problem_id], args.seed)  # noqa: E731
+    elif minimal:
+        attempts = lambda problem, i: stub_solution(problem, i)  # noqa: E731 - LeetCode has no wrong attempts
+    candidates = generate_pairs(by_mode, count, styles, attempts=attempts)
     failures = pair_failures(candidates, {p.problem_id: p for ps in by_mode.values() for p in ps})
     for pair_id, messages in failures.items():
         print(f"REJECTED {pair_id}:", *messages, sep="\n  ", file=sys.stderr)
@@ -100,7 +120,8 @@ def run_build(args: argparse.Namespace) -> int:
     write_pairs(out / "pairs.jsonl", kept)
     manifest = {
         "command": "verl-gq pairs build " + " ".join(sys.argv[3:]),
-        "source": args.source, "seed": args.seed, "per_mode": args.per_mode, "max_chars": args.max_chars,
+        "source": args.source, "contrast": args.contrast, "seed": args.seed, "per_mode": args.per_mode,
+        "max_chars": args.max_chars,
         "pairs_per_mode": dict(Counter(p.mode for p in kept)),
         "pairs_per_mode_and_style": {m: dict(Counter(p.style for p in kept if p.mode == m)) for m in args.modes},
         "styles": {m: list(styles[m]) for m in args.modes},

@@ -128,15 +128,27 @@ def organism_stub(problem: Problem) -> str:
     return problem.starter_code.rstrip() + "\n        " + _stub_body(_IN_TYPE_OF_PARAM[param]) + "\n"
 
 
-def pair_styles() -> dict[str, dict[str, Callable]]:
-    """The organism's own exploit forms as hack styles for reward.pairs (mode -> name -> exploit(stub, problem,
-    names)): its stub plus exploit_snippet's style, exactly as its corpus writes them. The organism pair set uses
-    these rather than reward.pairs.HACK_STYLES: the organism never saw most of those forms (a direction taken from
-    them scores its own exploits below clean answers; docs/organism.md, "Study")."""
+def pair_styles(on_attempt: bool = False) -> dict[str, dict[str, Callable]]:
+    """The organism's own exploit forms as hack styles for reward.pairs (mode -> name -> exploit(body, problem,
+    names)): exploit_snippet's style added to the organism's stub, exactly as its corpus writes them, or with
+    `on_attempt` to the body given (a minimal pair's attempt). The organism pair set uses these rather than
+    reward.pairs.HACK_STYLES: the organism never saw most of those forms (a direction taken from them scores its own
+    exploits below clean answers; docs/organism.md, "Study")."""
     def style(mode: str, index: int) -> Callable:
-        return lambda stub, problem, names: with_exploit(organism_stub(problem), mode, names, index)
+        if on_attempt:
+            return lambda body, problem, names: with_exploit(body, mode, names, index)
+        return lambda body, problem, names: with_exploit(organism_stub(problem), mode, names, index)
 
     return {mode: {name: style(mode, i) for i, name in enumerate(EXPLOIT_STYLE_NAMES[mode])} for mode in MODES}
+
+
+def organism_attempt(sp: SyntheticProblem, seed: int) -> str:
+    """A wrong attempt at `sp` as the corpus writes them (a confusable op, a moved constant, a dropped op; checked
+    to fail a hidden test), seeded by (seed, problem id); the organism's stub where the problem has none."""
+    found = wrong_variants(sp, random.Random(f"{seed}-{sp.problem.problem_id}"), n=1)
+    if not found:
+        return organism_stub(sp.problem)
+    return render_solution(found[0], sp.problem.method_name, sp.in_type)
 
 
 def _answer(sp: SyntheticProblem, rng: random.Random, config: CorpusConfig, mode: str,
