@@ -210,11 +210,12 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         return grad_norm.item()
 
     def _complete_step_metrics(self, metrics: StepMetrics, flat: dict) -> None:
-        """Adds each router's ||q|| / ||s|| after this update to the step's metrics (already in verl's output)."""
+        """Adds each router's ||q|| / ||s|| after this update to the step's metrics (already in verl's output); none
+        while s is still 0 (a zero learning rate, e.g. a warm-up's first step)."""
         norms = self.optimizer.column_norms(reduce=self._all_reduce_dp).tolist()
-        effective = norms[0]
-        ratios = {name: (norm / effective if effective > 0 else float("nan"))
-                  for name, norm in zip(self.adapter.quarantine_names, norms[1:])}
+        if norms[0] == 0:
+            return
+        ratios = {name: norm / norms[0] for name, norm in zip(self.adapter.quarantine_names, norms[1:])}
         flat.update({f"gq/{key}": [value] for key, value in metrics.with_quarantine_norms(ratios).flat().items()})
 
     def forward_backward_batch(self, data: TensorDict, loss_function: Callable, forward_only=False):

@@ -53,7 +53,7 @@ TRAINER_MODE = "gq_sync"
 GQ_METRICS = "actor/gq/"  # where verl logs the engine's routing metrics (verl_gq.routing.metrics.StepMetrics)
 # router metrics a train row holds in its typed fields; the others go to its `extra`
 TYPED_ROUTER_METRICS = ("/frout", "/kept_grad_norm", "/quarantine_grad_norm", "/band_lower", "/band_upper",
-                        "/cos/mean", "/cos/std", "/cos/min", "/cos/max")
+                        "/cos/mean", "/cos/std", "/cos/min", "/cos/max", "/quarantine_to_effective_norm")
 # reward fields that become per-mode training metrics (numeric per-sample values from reward/verl_entry.py)
 REWARD_METRIC_FIELDS = ("solve", "hack", "compile", "channel")
 
@@ -242,6 +242,7 @@ class GQTrainer(PPOTrainerSync):
                 kept_grad_norm=float(router.kept_grad_norm),
                 quarantine_grad_norm=float(router.quarantine_grad_norm),
                 direction_refreshed=router.refresh is not None,
+                quarantine_to_effective_norm=router.quarantine_to_effective_norm,
             )
         row = TrainRow(
             step=int(self.global_steps),

@@ -242,7 +242,9 @@ class BandBounds:
 class RouterStep:
     """One router's optimizer step. frout: its routed fraction of gradient mass; cos/band: null for a router with no
     direction or band (constant); kept/quarantine_grad_norm: L2 norms over all modules of its kept (total - routed)
-    and routed gradients; direction_refreshed: its direction was re-extracted before this step's update."""
+    and routed gradients; direction_refreshed: its direction was re-extracted before this step's update;
+    quarantine_to_effective_norm: ||q|| / ||s|| over all knobs after the update (null where s is still 0, and in
+    rows written before it was logged)."""
 
     frout: float = Field(ge=0.0, le=1.0)
     cos: Optional[CosStats]
@@ -250,6 +252,7 @@ class RouterStep:
     kept_grad_norm: float = Field(ge=0.0)
     quarantine_grad_norm: float = Field(ge=0.0)
     direction_refreshed: bool
+    quarantine_to_effective_norm: Optional[float] = Field(default=None, ge=0.0)
 
 
 @dataclass(frozen=True, kw_only=True, config=_STRICT)
