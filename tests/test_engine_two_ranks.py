@@ -169,7 +169,9 @@ def test_reduced_metrics_equal_one_rank(runs, arm):
         for rank, run in enumerate(runs["two"]):
             got = run[arm]["steps"][step]["metrics"]
             for key, value in metrics.items():
-                assert abs(got[key] - value) <= TOL * max(1.0, abs(value)), (
+                # the knob norms after the update carry Adam's division by the second moment: the knobs' tolerance
+                tol = LATER_STEP_KNOB_TOL if key.endswith("/quarantine_to_effective_norm") else TOL
+                assert abs(got[key] - value) <= tol * max(1.0, abs(value)), (
                     f"{arm} step {step} rank {rank}: {key} = {got[key]!r}, 1 rank: {value!r}"
                 )
 
