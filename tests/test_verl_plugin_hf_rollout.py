@@ -12,6 +12,8 @@ import asyncio
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from verl_gq.models.hf_generator import HFGenerator, SamplingSpec
 from verl_gq.models.keyed_sampling import key_tensor, sample_key, sample_tokens
@@ -196,6 +198,75 @@ def test_static_shapes_and_dropping_stopped_rows_give_the_same_samples(generator
             for g, w in zip(got, want):
                 assert g.log_probs == pytest.approx(w.log_probs, abs=1e-5)
     assert list(static._graph_states) == [(16, 64)], "batches of 15 and 12 rows share one bucket (16 rows)"
+
+
+class _StorageReads(TorchDispatchMode):
+    """Records the storages every op reads that no op of the same region wrote (tensors that live outside it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.outside, self.written = set(), set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in tree_flatten((args, kwargs))[0]:
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in self.written:
+                self.outside.add(value.untyped_storage().data_ptr())
+        out = func(*args, **kwargs)
+        self.written |= {v.untyped_storage().data_ptr() for v in tree_flatten(out)[0] if isinstance(v, torch.Tensor)}
+        return out
+
+
+def _storages(tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+
+
+def test_a_decode_step_reads_only_tensors_that_outlive_the_call(generator, monkeypatch):
+    """A CUDA graph captured in one call is replayed by later calls and reads the memory its tensors had at capture:
+    a decode step that reads a tensor made per call (the stop tokens were) reads freed memory on replay, and rows
+    stop at random or never. Every tensor a step reads must belong to the decode state (kept per batch shape), the
+    model, or the step itself; checked on the CPU op by op, where graphs cannot run."""
+    from verl_gq.models import hf_generator, keyed_sampling
+
+    static = HFGenerator(generator.model, generator.eos_token_ids, generator.pad_token_id, static_shapes=True)
+    seen = []
+    decode_step = hf_generator.HFGenerator._decode_step
+
+    def recorded(self, state, *args):
+        reads = _StorageReads()
+        with reads:
+            decode_step(self, state, *args)
+        seen.append((state, reads.outside))
+
+    monkeypatch.setattr(hf_generator.HFGenerator, "_decode_step", recorded)
+    static.generate(PROMPTS, SamplingSpec(max_tokens=3, temperature=1.0, n=2))
+    state, outside = seen[0]
+    cache = [t for layer in state.cache.layers for t in vars(layer).values()]
+    # the model's tensors: parameters, buffers and plain tensor attributes (the rotary embedding keeps one); the
+    # sampler's per-vocabulary codes, kept for the process
+    model = [t for m in generator.model.modules() for t in vars(m).values()]
+    owned = _storages(vars(state).values()) | _storages(cache) | _storages(generator.model.parameters()) | \
+        _storages(generator.model.buffers()) | _storages(model) | _storages(keyed_sampling._vocab_codes.values()) | {0}
+    assert outside - owned == set(), "the decode step reads a tensor made for this call only"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_stop_rows_as_eager_decoding_call_after_call(tiny_model_dir):
+    """Graphs are captured in the first call of a batch shape and replayed by every later one; each call must stop
+    its rows where eager decoding does (a replay that read the first call's freed stop tokens ran every row to its
+    limit from the third call on)."""
+    from collections import Counter
+
+    model = HFGenerator.from_pretrained(str(tiny_model_dir), dtype="float32", device="cuda").model
+    spec = SamplingSpec(max_tokens=24, temperature=1.0, n=4)
+    probe = HFGenerator(model, [-1], 0, cuda_graphs=False).generate(PROMPTS, spec)
+    eos = [t for t, _ in Counter(t for p in probe for g in p for t in g.token_ids).most_common(4)]
+    graphs, eager = (HFGenerator(model, eos, 0, cuda_graphs=on, static_shapes=True) for on in (True, False))
+    for call in range(5):
+        keys = [call * 1000 + i for i in range(len(PROMPTS) * spec.n)]
+        got, want = graphs.generate(PROMPTS, spec, keys=keys), eager.generate(PROMPTS, spec, keys=keys)
+        assert [[g.token_ids for g in p] for p in got] == [[g.token_ids for g in p] for p in want], f"call {call}"
+        assert any(g.finish_reason == "stop" for p in got for g in p), f"call {call}: some rows should stop at EOS"
 
 
 def make_server(tiny_model_dir, **options) -> HFRolloutServer:

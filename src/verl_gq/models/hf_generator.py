@@ -156,8 +156,18 @@ class _DecodeState:
         self.out_log_probs = torch.zeros((rows, cache_length), dtype=torch.float32, device=device)
         self.out_lengths = torch.zeros(rows, **long)
         self.out_stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.stop_ids = torch.full((1,), -1, **long)  # EOS and stop tokens (set_stop_ids)
         self.cache = None
         self.graph = None  # (CUDA graph, the sampling it was captured for)
+
+    def set_stop_ids(self, ids: Sequence[int]) -> None:
+        """The tokens that stop a row, written into `stop_ids` in place (a captured graph reads that tensor); a list
+        of another length takes a new tensor, and the graph captured for the old one is dropped."""
+        values = torch.tensor(list(ids) or [-1], dtype=torch.long)
+        if values.shape != self.stop_ids.shape:
+            self.stop_ids = torch.empty_like(values, device=self.stop_ids.device)
+            self.graph = None
+        self.stop_ids.copy_(values)
 
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Drop the rows not in `keep` (indices into the current rows), after saving their results."""
@@ -356,9 +366,10 @@ class HFGenerator:
         for layer in state.cache.layers:
             layer.cumulative_length.fill_(width)
 
-    def _decode_step(self, state: _DecodeState, spec: SamplingSpec, stop_ids: torch.Tensor) -> None:
+    def _decode_step(self, state: _DecodeState, spec: SamplingSpec) -> None:
         """Sample every row's next token from `state.logits`, record it, and run it through the model: in place,
-        with no host read (so that it can be captured as a CUDA graph)."""
+        with no host read, reading no tensor but the state's, the model's and its own (so that it can be captured as
+        a CUDA graph and replayed by later calls)."""
         tokens, log_probs = sample_tokens(state.logits, state.keys, state.step.expand(state.rows), spec.temperature,
                                           spec.top_k, spec.top_p)
         tokens = tokens.masked_fill(state.finished, self.pad_token_id)
@@ -366,7 +377,7 @@ class HFGenerator:
         state.out_log_probs[state.active, state.step] = log_probs
         state.lengths.add_((~state.finished).long())
         # a broadcast compare: torch.isin sorts and takes unique values (a host read) for long stop lists
-        hit_stop = (tokens[:, None] == stop_ids[None, :]).any(-1) & ~state.finished
+        hit_stop = (tokens[:, None] == state.stop_ids[None, :]).any(-1) & ~state.finished
         state.stopped.logical_or_(hit_stop)
         state.finished.logical_or_(hit_stop | (state.lengths >= state.limits))
         state.valid.index_fill_(1, state.write_column, True)
@@ -379,15 +390,12 @@ class HFGenerator:
 
     def _decode(self, state: _DecodeState, spec: SamplingSpec) -> int:
         """Decode until every row has stopped or reached max_new tokens; returns the number of steps taken."""
-        stop_ids = torch.tensor(
-            sorted(set(spec.stop_token_ids) | (set() if spec.ignore_eos else set(self.eos_token_ids))) or [-1],
-            device=self.device,
-        )
+        state.set_stop_ids(sorted(set(spec.stop_token_ids) | (set() if spec.ignore_eos else set(self.eos_token_ids))))
         max_new = int(state.limits.max())
         if self.cuda_graphs and not self._graphs_failed:
-            step_once = self._replayer(state, spec, stop_ids)
+            step_once = self._replayer(state, spec)
         else:
-            step_once = lambda: self._decode_step(state, spec, stop_ids)  # noqa: E731
+            step_once = lambda: self._decode_step(state, spec)  # noqa: E731
         for step in range(max_new):
             step_once()
             if (step + 1) % self.check_every and step + 1 < max_new:
@@ -400,10 +408,10 @@ class HFGenerator:
                     state.keep_rows((~state.finished).nonzero()[:, 0])
         return max_new
 
-    def _replayer(self, state: _DecodeState, spec: SamplingSpec, stop_ids: torch.Tensor):
+    def _replayer(self, state: _DecodeState, spec: SamplingSpec):
         """A step function replaying the CUDA graph of this state and sampling; captures it on first use (after a
         few eager steps, which are real decode steps, as CUDA's warm-up). A failed capture turns graphs off."""
-        if state.graph is not None and state.graph[1] == (spec.batch_key, tuple(stop_ids.tolist())):
+        if state.graph is not None and state.graph[1] == spec.batch_key:
             return state.graph[0].replay
         state.graph = None
         warmup_left = [3]
@@ -415,7 +423,7 @@ class HFGenerator:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._decode_step(state, spec, stop_ids)
+                self._decode_step(state, spec)
             torch.cuda.current_stream().wait_stream(side)
             warmup_left[0] -= 1
             if warmup_left[0] > 0 or self._graphs_failed:
@@ -423,12 +431,12 @@ class HFGenerator:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
-                    self._decode_step(state, spec, stop_ids)
+                    self._decode_step(state, spec)
             except Exception as error:  # noqa: BLE001 - logged; decoding goes on eagerly
                 logger.warning("hf generator: CUDA graph capture failed (%s); decoding eagerly from now on", error)
                 self._graphs_failed = True
                 return
-            state.graph = (graph, (spec.batch_key, tuple(stop_ids.tolist())))
+            state.graph = (graph, spec.batch_key)
 
         return step
 
