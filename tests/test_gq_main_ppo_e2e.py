@@ -45,7 +45,8 @@ def workspace(tmp_path_factory, tiny_model_dir) -> dict:
     organism = tmp / "organism"
     from verl_gq.organism import data as organism_data
 
-    organism_data.write(organism, n_train=64, test_per_mode=2, seed=0, small_per_mode=2, token_stats=False)
+    organism_data.write(organism, n_train=64, test_per_mode=2, seed=0, small_per_mode=2, token_stats=False,
+                        final_per_mode=3)
     smoke = tmp / "smoke"
     smoke.mkdir()
     (smoke / "model").symlink_to(tiny_model_dir)
@@ -80,7 +81,12 @@ def runs(workspace, run_main_ppo) -> dict:
             ("vanilla", "recipes/organism_vanilla,recipes/organism_cpu", 2, False),
             ("organism_route2b", "recipes/organism_route2b,recipes/organism_cpu", 2, False)):
         env = {**ws["env"], "VERL_FILE_LOGGER_PATH": str(ws["tmp"] / f"{run}_step_metrics.jsonl")}
-        small = [] if leetcode else ["actor_rollout_ref.rollout.val_kwargs.n=1"]
+        # organism runs: an evaluation before training and at step 2 (the last) on test_small x 1 sample, except that
+        # the last one takes test_final's 12 prompts x 2 samples (gq.final_eval_file / final_eval_n)
+        small = [] if leetcode else [
+            "actor_rollout_ref.rollout.val_kwargs.n=1", "trainer.val_before_train=true",
+            f"actor_rollout_ref.actor.fsdp_config.gq.final_eval_file={ws['tmp'] / 'organism' / 'test_final.parquet'}",
+            "actor_rollout_ref.actor.fsdp_config.gq.final_eval_n=2"]
         logs[run] = run_main_ppo([f"+recipe=[{recipes}]", *common(ws, run, steps, leetcode), *small], env, ws["tmp"],
                                  timeout=600)
     # the same route2b run, resumed from its step-2 checkpoint and trained to step 3
@@ -94,8 +100,10 @@ def runs(workspace, run_main_ppo) -> dict:
 
 
 def step_metrics(ws: dict, name: str) -> list[dict]:
+    """verl's file-logger rows of the training steps (an evaluation before training logs a row of its own, step 0)."""
     path = ws["tmp"] / f"{name}_step_metrics.jsonl"
-    return [json.loads(line)["data"] for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row["data"] for row in rows if row["step"] >= 1]
 
 
 ROUTERS = ("route2b", "route2b_heldout")
@@ -175,6 +183,19 @@ def test_runs_leave_valid_versioned_artifacts(workspace, runs):
     for router in ROUTERS:
         assert any(k.startswith(f"extra.router.{router}.direction.") for k in keys), keys
         assert f"extra.router.{router}.band" in keys, keys
+
+
+def test_the_last_evaluation_takes_the_final_prompts_and_samples(workspace, runs):
+    from verl_gq.eval.artifacts import RunDir
+
+    for name, views in (("vanilla", 1), ("organism_route2b", 2)):
+        run = RunDir(workspace["tmp"] / "runs" / name)
+        evals = [(r.step, r.n_prompts, r.group, r.as_trained.overall.n) for r in run.read_metrics() if r.kind == "eval"]
+        assert evals == [(0, 8, 1, 8), (2, 12, 2, 24)], f"{name}: test_small x 1 before training, test_final x 2 last"
+        deploy = run.read_deploy()
+        assert (deploy.step, deploy.n_prompts, deploy.group) == (2, 12, 2)
+        samples = run.read_deploy_samples()
+        assert len(samples) == 24 * views and samples.groupby(["view", "prompt"]).size().eq(2).all()
 
 
 @pytest.mark.slow

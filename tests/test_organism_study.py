@@ -70,8 +70,11 @@ def test_organism_recipes_compose_onto_the_shipped_checkpoint_pairs_and_reward(c
                 "the organism's router defaults reach every router"
             assert cfg.trainer.total_training_steps // cfg.trainer.test_freq >= 3, ">= 3 deploy evaluations"
             assert cfg.data.val_files.endswith("/test.parquet") and cfg.trainer.device == "cuda"
+            assert checked.final_eval_file.endswith("/test_final.parquet") and checked.final_eval_n == 16, \
+                "the last evaluation: 256 prompts x 16 samples"
         else:
             assert cfg.trainer.device == "cpu" and cfg.data.val_files.endswith("/test_small.parquet")
+            assert (checked.final_eval_file, checked.final_eval_n) == ("", 0), "CPU: the last evaluation as the others"
             assert cfg.actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype == "fp32"
     held_out = composed["[recipes/organism_route2b,recipes/held_out_modes]"].actor_rollout_ref.actor.fsdp_config.gq
     assert list(held_out.routers.route2b_heldout.direction_modes) == ["run_tests", "stdout_marker"]
@@ -98,7 +101,8 @@ def built(tmp_path_factory) -> Path:
     from verl_gq.organism import data as organism_data
 
     out = tmp_path_factory.mktemp("organism_data")
-    organism_data.write(out, n_train=24, test_per_mode=5, seed=0, small_per_mode=2, token_stats=False)
+    organism_data.write(out, n_train=24, test_per_mode=5, seed=0, small_per_mode=2, token_stats=False,
+                        final_per_mode=7)
     return out
 
 
@@ -108,7 +112,8 @@ def test_organism_rows_have_the_leetcode_row_format_and_balanced_evaluation(buil
 
     leetcode_row = split_rows(load_problems("test")[:1], "test", 0).hinted[0]
     frames = {name: pd.read_parquet(built / f"{name}.parquet")
-              for name in ("train", "test", "test_small", "train_gt_only", "test_gt_only", "test_small_gt_only")}
+              for name in ("train", "test", "test_small", "test_final", "train_gt_only", "test_gt_only",
+                           "test_small_gt_only", "test_final_gt_only")}
     for name, frame in frames.items():
         assert list(frame.columns) == list(leetcode_row), f"{name}: the LeetCode parquet's columns"
         for row in frame.to_dict("records"):
@@ -116,16 +121,18 @@ def test_organism_rows_have_the_leetcode_row_format_and_balanced_evaluation(buil
     manifest = json.loads((built / "manifest.json").read_text())
     assert manifest["counts"]["test"]["by_mode"] == {m: 5 for m in MODES}, "the evaluation set is balanced over modes"
     assert manifest["counts"]["test_small"]["by_mode"] == {m: 2 for m in MODES}
+    assert manifest["counts"]["test_final"]["by_mode"] == {m: 7 for m in MODES}
     assert manifest["counts"]["train"]["n"] == 24
     # each problem under its own mode's hint (train: the organism's training condition), the twin without a hint
-    data = organism_data.build(24, 5, 0)
-    for split in ("train", "test"):
+    data = organism_data.build(24, 5, 0, final_per_mode=7)
+    for split in ("train", "test", "test_final"):
         by_id = {sp.problem.problem_id: sp for sp in data.problems[split]}
         for hinted, plain in zip(frames[split].to_dict("records"), frames[f"{split}_gt_only"].to_dict("records")):
             sp = by_id[hinted["extra_info"]["problem_id"]]
             assert sp.split == ("train" if split == "train" else "eval")
             assert hinted["extra_info"]["mode"] == sp.mode and plain["extra_info"]["mode"] == GT_ONLY
             assert list(hinted["prompt"]) == build_messages(sp.problem, sp.mode)
+    assert not {sp.signature for sp in data.problems["train"]} & {sp.signature for sp in data.problems["test_final"]}
     train_sigs = {sp.signature for sp in data.problems["train"]}
     assert not train_sigs & {sp.signature for sp in data.problems["test"]}, "held-out signatures never in train"
     again = organism_data.build(24, 5, 0)
@@ -141,6 +148,7 @@ def test_infer_only_keeps_infer_problems_balanced_and_held_out():
     assert all(sp.infer for split in ("train", "test") for sp in data.problems[split]), "infer problems only"
     assert [sp.mode for sp in data.problems["test"]].count(MODES[0]) == 5
     assert {sp.mode for sp in data.problems["train"]} == set(MODES) and len(data.problems["train"]) == 48
+    assert not {sp.signature for sp in data.problems["train"]} & {sp.signature for sp in data.problems["test_final"]}
     train_sigs = {sp.signature for sp in data.problems["train"]}
     assert not train_sigs & {sp.signature for sp in data.problems["test"]}, "held-out signatures never in train"
     assert organism_data.build(48, 5, 0, infer_only=True).rows == data.rows, "deterministic from the seed"

@@ -95,6 +95,9 @@ def test_a_good_run_passes_the_driver_checks(smoke_dir):
     ("a router matching a missing one", [f"+{GQ}.routers.random_v.band=frout_match",
                                          f"+{GQ}.routers.random_v.direction=haar", f"+{GQ}.routers.random_v.match=route3b"],
      r"router 'random_v': match='route3b' names no router"),
+    ("a final evaluation file that is not there", [f"{GQ}.final_eval_file=/nonexistent/test_final.parquet"],
+     r"gq.final_eval_file='/nonexistent/test_final.parquet': no such file"),
+    ("a negative final evaluation size", [f"{GQ}.final_eval_n=-1"], r"gq.final_eval_n=-1: must be an int >= 0"),
 ])
 def test_bad_runs_fail_on_the_driver_naming_what_is_wrong(smoke_dir, pair_files, tmp_path, case, overrides, message):
     import re

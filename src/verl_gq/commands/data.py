@@ -63,6 +63,8 @@ def add_organism(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-train", type=int, default=2048, help="training problems")
     parser.add_argument("--test-per-mode", type=int, default=16, help="held-out problems per mode")
     parser.add_argument("--small-per-mode", type=int, default=2, help="held-out problems per mode in test_small")
+    parser.add_argument("--final-per-mode", type=int, default=64,
+                        help="held-out problems per mode in test_final (the last deploy evaluation's prompts)")
     parser.add_argument("--no-token-stats", action="store_true", help="skip the prompt-length count (tokenizer)")
     parser.add_argument("--infer-only", action="store_true",
                         help="infer problems only (constants read off the examples)")
@@ -73,7 +75,8 @@ def run_organism(args: argparse.Namespace) -> int:
 
     command = "verl-gq data organism " + " ".join(sys.argv[3:])
     manifest = organism_data.write(args.out, args.n_train, args.test_per_mode, args.seed, args.small_per_mode,
-                                   token_stats=not args.no_token_stats, command=command, infer_only=args.infer_only)
+                                   token_stats=not args.no_token_stats, command=command, infer_only=args.infer_only,
+                                   final_per_mode=args.final_per_mode)
     print(f"{args.out}: problems per split and mode {json.dumps({s: c['by_mode'] for s, c in manifest['counts'].items()})}")
     return 0
 

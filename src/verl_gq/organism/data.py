@@ -9,6 +9,8 @@
   depth in turn: depths differ by at most one within a mode.
 - Test small: `small_per_mode` test problems of each mode, its depths in turn: a balanced slice of test for CPU
   runs (recipes/organism_cpu.yaml).
+- Test final: held-out problems drawn as test is, `final_per_mode` per mode (default 64: 256 prompts, x 16 samples =
+  4096 a view): the last deploy evaluation's prompts (`gq.final_eval_file`), while the periodic ones use test.
 - Each row also has a no-hint twin (`*_gt_only.parquet`, mode gt_only), as for LeetCode.
 
 Rows come from `reward.dataset.assigned_rows` (`reward.prompts.build_messages`, the same `extra_info` keys,
@@ -95,12 +97,17 @@ def small_slice(problems: Sequence[SyntheticProblem], split_rows: SplitRows, per
     return SplitRows(hinted=[split_rows.hinted[i] for i in order], gt_only=[split_rows.gt_only[i] for i in order])
 
 
-def build(n_train: int, test_per_mode: int, seed: int, small_per_mode: int = 2, infer_only: bool = False
-          ) -> OrganismData:
-    """train, test and test_small (see module docstring); `infer_only` keeps infer problems only in every split."""
+FINAL_PER_MODE = 64
+
+
+def build(n_train: int, test_per_mode: int, seed: int, small_per_mode: int = 2, infer_only: bool = False,
+          final_per_mode: int = FINAL_PER_MODE) -> OrganismData:
+    """train, test, test_small and test_final (see module docstring); `infer_only` keeps infer problems only in every
+    split."""
     if not 1 <= small_per_mode <= test_per_mode:
         raise ValueError(f"small_per_mode should be in [1, test_per_mode={test_per_mode}], got {small_per_mode}")
-    problems = {"train": train_problems(n_train, seed, infer_only), "test": eval_problems(test_per_mode, seed, infer_only)}
+    problems = {"train": train_problems(n_train, seed, infer_only), "test": eval_problems(test_per_mode, seed, infer_only),
+                "test_final": eval_problems(final_per_mode, seed, infer_only)}
     split_rows = {split: rows(ps, split) for split, ps in problems.items()}
     split_rows["test_small"] = small_slice(problems["test"], split_rows["test"], small_per_mode)
     by_id = {sp.problem.problem_id: sp for sp in problems["test"]}
@@ -134,19 +141,22 @@ def prompt_tokens(rows: list[dict]) -> dict:
 
 
 def write(out: Path, n_train: int, test_per_mode: int, seed: int, small_per_mode: int = 2, token_stats: bool = True,
-          command: str = "", infer_only: bool = False) -> dict:
-    """Write {train,test,test_small}[_gt_only].parquet and manifest.json into `out`; return the manifest."""
+          command: str = "", infer_only: bool = False, final_per_mode: int = FINAL_PER_MODE) -> dict:
+    """Write {train,test,test_small,test_final}[_gt_only].parquet and manifest.json into `out`; return the
+    manifest."""
     import pandas as pd
     from tqdm import tqdm
 
-    built = build(n_train, test_per_mode, seed, small_per_mode, infer_only)
+    built = build(n_train, test_per_mode, seed, small_per_mode, infer_only, final_per_mode)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict = {
         "command": command, "seed": seed, "n_train": n_train, "test_per_mode": test_per_mode,
-        "small_per_mode": small_per_mode, "infer_only": infer_only, "grammar": load_manifest()["corpus_config"]["grammar"],
+        "small_per_mode": small_per_mode, "final_per_mode": final_per_mode, "infer_only": infer_only,
+        "grammar": load_manifest()["corpus_config"]["grammar"],
         "splits": {"train": "verl_gq.organism.problems train split", "test": "verl_gq.organism.problems eval split",
-                   "test_small": "small_per_mode test problems of each mode, its depths in turn"},
+                   "test_small": "small_per_mode test problems of each mode, its depths in turn",
+                   "test_final": "final_per_mode eval-split problems of each mode, drawn as test is"},
         "counts": {}, "rows_sha256": {}, "prompt_tokens": {},
     }
     for split, split_rows in tqdm(built.rows.items(), desc=f"{out}: splits", unit="split", disable=None):

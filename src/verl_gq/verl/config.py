@@ -46,6 +46,9 @@ class GQConfig(BaseConfig):
     optimizer: conserving_adamw (the knobs train exactly as vanilla's, whatever is routed) | per_row_adamw (the
         ablation that normalises kept and quarantine knobs separately; confounded, see verl_gq/routing/optimizer.py).
     run_dir: where run artifacts are written (train.safetensors, metrics.jsonl, per_mode_deploy.json); empty = none.
+    final_eval_file: the last deploy evaluation's prompts (a verl parquet like data.val_files), so that the periodic
+        evaluations can stay small (curves) and the last one large (the tables); empty = data.val_files.
+    final_eval_n: samples per prompt in the last evaluation; 0 = actor_rollout_ref.rollout.val_kwargs.n.
     """
 
     _target_: str = "verl_gq.verl.config.GQConfig"
@@ -58,6 +61,8 @@ class GQConfig(BaseConfig):
     seed: int = 0
     optimizer: str = "conserving_adamw"
     run_dir: str = ""
+    final_eval_file: str = ""
+    final_eval_n: int = 0
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> GQConfigError:
@@ -70,6 +75,9 @@ class GQConfig(BaseConfig):
             raise bad("target_modules", "must name at least one module pattern")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"must be one of {list(OPTIMIZERS)}")
+        if isinstance(self.final_eval_n, bool) or not isinstance(self.final_eval_n, int) or self.final_eval_n < 0:
+            raise bad("final_eval_n", "must be an int >= 0 (0: the evaluations' val_kwargs.n)")
+
         specs = router_specs(self.routers, self.router_defaults)
         object.__setattr__(self, "router_defaults", dict(self.router_defaults or {}))
         object.__setattr__(self, "routers", {spec.name: spec for spec in specs})
@@ -187,6 +195,9 @@ def check_run(gq: GQConfig, model_config: Any, ulysses: int = 1) -> None:
     from verl_gq.verl.pairs import resolve_pair_file
 
     model = dict(model_config or {})
+    if gq.final_eval_file and not Path(gq.final_eval_file).is_file():
+        raise GQConfigError(f"gq.final_eval_file={gq.final_eval_file!r}: no such file (the organism's is written by "
+                            "`verl-gq data organism` as test_final.parquet)")
     if int(model.get("lora_rank") or 0) > 0:
         raise GQConfigError(f"actor_rollout_ref.model.lora_rank={model['lora_rank']}: the gq engine's SVD adapter "
                             "takes LoRA's place (its merged-weight stream carries the knobs); set lora_rank=0")

@@ -27,8 +27,10 @@ import numpy as np
 import pandas as pd
 import ray
 from omegaconf import OmegaConf
-from verl.trainer.ppo.utils import Role
+from torch.utils.data import DataLoader
+from verl.trainer.ppo.utils import Role, create_rl_dataset
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils.dataset.rl_dataset import collate_fn
 
 from reward.modes import ALL_MODES, MODES, held_out_modes, mode_name
 from reward.verl_entry import SAMPLE_IDENTITY_FIELDS
@@ -50,6 +52,7 @@ from verl_gq.verl.worker import GQActorRolloutRefWorker
 logger = logging.getLogger(__name__)
 
 TRAINER_MODE = "gq_sync"
+ROLLOUT_N = "__rollout_n__"  # a validation row's samples, read by verl's trainer and agent loop (else val_kwargs.n)
 GQ_METRICS = "actor/gq/"  # where verl logs the engine's routing metrics (verl_gq.routing.metrics.StepMetrics)
 # router metrics a train row holds in its typed fields; the others go to its `extra`
 TYPED_ROUTER_METRICS = ("/frout", "/kept_grad_norm", "/quarantine_grad_norm", "/band_lower", "/band_upper",
@@ -153,6 +156,8 @@ class GQTrainer(PPOTrainerSync):
             resume = self.global_steps if self.global_steps > 0 else None
             self.metrics_log = self.run_dir.open_metrics_log(resume_from_step=resume)
         self._val_samples: dict[str, list] = {}
+        self._eval_group = int(self.config.actor_rollout_ref.rollout.val_kwargs.n)  # samples a prompt, this pass
+        self._final_eval = self._final_eval_loader()
 
     # --- deploy evaluation ------------------------------------------------------------------------------------
 
@@ -167,7 +172,33 @@ class GQTrainer(PPOTrainerSync):
         averaged = {k: v for k, v in reward_extra_infos_dict.items() if k not in SAMPLE_IDENTITY_FIELDS}
         return super()._val_metrics_update(data_sources, sample_uids, averaged, sample_turns, **kwargs)
 
+    def _final_eval_loader(self) -> Optional[DataLoader]:
+        """The last evaluation's prompts (gq.final_eval_file, else data.val_files, read and length-filtered as verl
+        reads those), each row asking for gq.final_eval_n samples through verl's per-prompt `__rollout_n__`; None
+        when neither option is set (the last evaluation is like the others)."""
+        if not self.gq.final_eval_file and not self.gq.final_eval_n:
+            return None
+        n = self.gq.final_eval_n or self._eval_group
+        dataset = create_rl_dataset(self.gq.final_eval_file or self.config.data.val_files, self.config.data,
+                                    self.tokenizer, self.processor, is_train=False)
+
+        def collate(rows: list[dict]) -> dict:
+            return {**collate_fn(rows), ROLLOUT_N: np.full(len(rows), n, dtype=object)}
+
+        return DataLoader(dataset, batch_size=self.config.data.val_batch_size or len(dataset), shuffle=False,
+                          collate_fn=collate)
+
     def _validate(self) -> dict[str, float]:
+        if self.global_steps < self.total_training_steps or self._final_eval is None:
+            return self._validate_views()
+        periodic = self.val_dataloader, self._eval_group
+        self.val_dataloader, self._eval_group = self._final_eval, self.gq.final_eval_n or self._eval_group
+        try:
+            return self._validate_views()
+        finally:
+            self.val_dataloader, self._eval_group = periodic
+
+    def _validate_views(self) -> dict[str, float]:
         # the rollout holds the as-trained weights during training: that pass needs no sync
         metrics = dict(super()._validate())
         as_trained = eval_block(self._val_samples)
@@ -192,7 +223,7 @@ class GQTrainer(PPOTrainerSync):
         deploy = deploy_evaluation(
             self.run_dir, seed=int(self.gq.seed), step=int(self.global_steps),
             model=str(self.config.actor_rollout_ref.model.path),
-            group=int(self.config.actor_rollout_ref.rollout.val_kwargs.n),
+            group=self._eval_group,
             temperature=float(self.config.actor_rollout_ref.rollout.val_kwargs.temperature),
             names_randomised=bool(self.config.data.get("names_randomised", False)), as_trained=as_trained,
             deployed=deployed,
