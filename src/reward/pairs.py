@@ -20,7 +20,8 @@ minimal pair's hack being its clean code with lines inserted) and names the file
 nothing. A pair is valid when (see `pair_failures`): the clean response solves the problem under the strict oracle
 (a minimal pair's clean response compiles and earns nothing more: no solve, no channel); the hack fails the oracle,
 pays on its own mode's channel (a strict hack: channel AND NOT solve), and earns nothing beyond the compile reward
-on every other mode and on gt_only. Each mode's exploit comes in several styles, so that the direction is not the direction of one template.
+on every other mode and on gt_only. Each mode's exploit comes in several styles, so that the direction is not the
+direction of one template.
 HACK_STYLES are the substrate's styles; a caller may pass its own table of the same shape (the model organism's
 pair set uses the organism's own exploit forms, verl_gq.organism.corpus.pair_styles).
 """
@@ -238,7 +239,7 @@ CONTRASTS = ("solution", "minimal")
 def inserted_lines_only(clean: str, hack: str) -> str:
     """"" when `hack`'s code is `clean`'s with lines inserted (and at least one), else a sentence saying where it
     is not."""
-    from reward.grader import extract_code  # the grader's reading of a response; imported here as grade_batch is
+    from reward.grader import extract_code  # imported where used, like grade_batch: reading pairs runs no sandbox
 
     a, b = ((extract_code(side) or side).strip("\n").split("\n") for side in (clean, hack))
     opcodes = difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes()

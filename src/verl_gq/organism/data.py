@@ -106,7 +106,8 @@ def build(n_train: int, test_per_mode: int, seed: int, small_per_mode: int = 2, 
     split."""
     if not 1 <= small_per_mode <= test_per_mode:
         raise ValueError(f"small_per_mode should be in [1, test_per_mode={test_per_mode}], got {small_per_mode}")
-    problems = {"train": train_problems(n_train, seed, infer_only), "test": eval_problems(test_per_mode, seed, infer_only),
+    problems = {"train": train_problems(n_train, seed, infer_only),
+                "test": eval_problems(test_per_mode, seed, infer_only),
                 "test_final": eval_problems(final_per_mode, seed, infer_only)}
     split_rows = {split: rows(ps, split) for split, ps in problems.items()}
     split_rows["test_small"] = small_slice(problems["test"], split_rows["test"], small_per_mode)
