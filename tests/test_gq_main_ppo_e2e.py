@@ -149,8 +149,8 @@ def test_organism_earns_reward_from_the_first_step(workspace, runs):
     # it solves ~40%; ~35% of its problems fail all of 4 samples, so 8 prompts all failing is ~2e-4
     assert max(m["train/solve/all"] for m in steps) > 0, "the organism solves some of its problems"
     deploy = RunDir(workspace["tmp"] / "runs" / "vanilla").read_deploy()
-    assert deploy.model == str(CHECKPOINT_DIR) and deploy.n_prompts == 8 and deploy.group == 1
-    assert {m: b.n for m, b in deploy.as_trained.by_mode.items()} == {m: 2 for m in MODES}, "balanced evaluation"
+    assert deploy.model == str(CHECKPOINT_DIR) and deploy.n_prompts == 12 and deploy.group == 2  # test_final x 2
+    assert {m: b.n for m, b in deploy.as_trained.by_mode.items()} == {m: 6 for m in MODES}, "balanced evaluation"
     assert deploy.routers == {}, "vanilla: the as-trained view only"
 
 
