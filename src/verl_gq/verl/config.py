@@ -77,7 +77,6 @@ class GQConfig(BaseConfig):
             raise bad("optimizer", f"must be one of {list(OPTIMIZERS)}")
         if isinstance(self.final_eval_n, bool) or not isinstance(self.final_eval_n, int) or self.final_eval_n < 0:
             raise bad("final_eval_n", "must be an int >= 0 (0: the evaluations' val_kwargs.n)")
-
         specs = router_specs(self.routers, self.router_defaults)
         object.__setattr__(self, "router_defaults", dict(self.router_defaults or {}))
         object.__setattr__(self, "routers", {spec.name: spec for spec in specs})

@@ -157,6 +157,7 @@ class GQTrainer(PPOTrainerSync):
             self.metrics_log = self.run_dir.open_metrics_log(resume_from_step=resume)
         self._val_samples: dict[str, list] = {}
         self._eval_group = int(self.config.actor_rollout_ref.rollout.val_kwargs.n)  # samples a prompt, this pass
+        self._final_group = self.gq.final_eval_n or self._eval_group
         self._final_eval = self._final_eval_loader()
 
     # --- deploy evaluation ------------------------------------------------------------------------------------
@@ -178,12 +179,11 @@ class GQTrainer(PPOTrainerSync):
         when neither option is set (the last evaluation is like the others)."""
         if not self.gq.final_eval_file and not self.gq.final_eval_n:
             return None
-        n = self.gq.final_eval_n or self._eval_group
         dataset = create_rl_dataset(self.gq.final_eval_file or self.config.data.val_files, self.config.data,
                                     self.tokenizer, self.processor, is_train=False)
 
         def collate(rows: list[dict]) -> dict:
-            return {**collate_fn(rows), ROLLOUT_N: np.full(len(rows), n, dtype=object)}
+            return {**collate_fn(rows), ROLLOUT_N: np.full(len(rows), self._final_group, dtype=object)}
 
         return DataLoader(dataset, batch_size=self.config.data.val_batch_size or len(dataset), shuffle=False,
                           collate_fn=collate)
@@ -192,7 +192,7 @@ class GQTrainer(PPOTrainerSync):
         if self.global_steps < self.total_training_steps or self._final_eval is None:
             return self._validate_views()
         periodic = self.val_dataloader, self._eval_group
-        self.val_dataloader, self._eval_group = self._final_eval, self.gq.final_eval_n or self._eval_group
+        self.val_dataloader, self._eval_group = self._final_eval, self._final_group
         try:
             return self._validate_views()
         finally:
