@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from verl_gq.eval.artifacts.schema import SchemaError, dump_json, parse_deploy
     from verl_gq.eval.deploy import AS_TRAINED, BASE, evaluate, view_blocks
     from verl_gq.eval.settings import DeploySettings
+    from verl_gq.monitor.config import MonitorSpec
 
     run_dir = RunDir(args.run_dir)
     try:
@@ -60,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     config = meta["resolved_config"]
     model = args.model or config["actor_rollout_ref"]["model"]["path"]
-    routers = config["actor_rollout_ref"]["actor"]["fsdp_config"]["gq"].get("routers") or {}
+    gq = config["actor_rollout_ref"]["actor"]["fsdp_config"]["gq"]
+    routers = gq.get("routers") or {}
+    monitor = MonitorSpec.from_any(gq.get("monitor"))
     settings = DeploySettings(n_prompts=args.n_prompts, group=args.group, temperature=args.temperature,
                               max_new_tokens=args.max_new_tokens, randomise_names=args.randomise_names,
                               seed=args.seed, batch_size=args.batch_size, device=args.device)
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     record = deploy_evaluation(run_dir, seed=meta["seed"], step=meta["step"], model=model, group=settings.group,
                                temperature=settings.temperature, names_randomised=settings.randomise_names,
                                as_trained=blocks[AS_TRAINED], deployed={r: blocks[r] for r in meta["routers"]},
-                               held_out_modes=held_out)
+                               held_out_modes=held_out, monitor=monitor.name if monitor is not None else None)
     if args.record:
         record_deploy_evaluation(run_dir, run_dir.open_metrics_log(resume_from_step=meta["step"]), record, samples)
         out = run_dir.deploy_file

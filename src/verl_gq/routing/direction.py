@@ -90,9 +90,9 @@ def completion_log_prob_gradients(
     chunks: list[dict[str, torch.Tensor]] = []
     capture = KnobGradientCapture(adapter, mode="stash")
     with capture, torch.enable_grad():
-        for batch_index in _micro_batches([rows[i] for i in order], micro_batch_size, max_tokens):
+        for batch_index in micro_batches([rows[i] for i in order], micro_batch_size, max_tokens):
             batch = [rows[order[i]] for i in batch_index]
-            input_ids, attention_mask, scored = _right_padded(batch)
+            input_ids, attention_mask, scored = right_padded(batch)
             # logits for positions [first, length): the first predicts the shortest prompt's first completion token
             first = min(len(prompt) for prompt, _ in batch) - 1
             length = input_ids.shape[1]
@@ -115,7 +115,7 @@ def completion_log_prob_gradients(
     return {name: torch.cat([chunk[name] for chunk in chunks])[restore.to(device)] for name in adapter.layers}
 
 
-def _micro_batches(rows, micro_batch_size: int, max_tokens: Optional[int]) -> list[list[int]]:
+def micro_batches(rows, micro_batch_size: int, max_tokens: Optional[int]) -> list[list[int]]:
     """Consecutive index groups of `rows` with <= micro_batch_size rows and <= max_tokens padded tokens."""
     groups, current, longest = [], [], 0
     for index, (prompt, completion) in enumerate(rows):
@@ -295,7 +295,7 @@ def _ids(ids: TokenIds, what: str) -> torch.Tensor:
     return tensor.long()
 
 
-def _right_padded(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+def right_padded(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]):
     """Host tensors: input_ids and attention_mask (B, L), and `scored` (B, L) bool: completion token positions."""
     length = max(len(p) + len(c) for p, c in batch)
     input_ids = torch.zeros(len(batch), length, dtype=torch.long)

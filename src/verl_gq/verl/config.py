@@ -18,6 +18,7 @@ from verl.base_config import BaseConfig
 from verl.workers.config import FSDPActorConfig, FSDPEngineConfig
 
 from verl_gq.adapter.config import AdapterConfigError, QuarantineAdapterConfig
+from verl_gq.monitor.config import MonitorSpec
 from verl_gq.routing.controller import MIN_PAIRS, RouterSpec, RouterSpecError, check_routers
 from verl_gq.routing.optimizer import OPTIMIZERS
 
@@ -49,6 +50,9 @@ class GQConfig(BaseConfig):
     final_eval_file: the last deploy evaluation's prompts (a verl parquet like data.val_files), so that the periodic
         evaluations can stay small (curves) and the last one large (the tables); empty = data.val_files.
     final_eval_n: samples per prompt in the last evaluation; 0 = actor_rollout_ref.rollout.val_kwargs.n.
+    monitor: a monitor and the intervention acting on its flags (verl_gq.monitor.MonitorSpec: kind probe |
+        gt_labels, intervention penalty | screening, ...); empty (the default): none. Not an arm of a routers run:
+        it changes what the run trains on.
     """
 
     _target_: str = "verl_gq.verl.config.GQConfig"
@@ -63,6 +67,7 @@ class GQConfig(BaseConfig):
     run_dir: str = ""
     final_eval_file: str = ""
     final_eval_n: int = 0
+    monitor: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> GQConfigError:
@@ -85,6 +90,21 @@ class GQConfig(BaseConfig):
                       f"(got {len(specs)})")
         if any(spec.needs_direction for spec in specs) and not self.pair_file:
             raise bad("pair_file", "routers with a direction need a pair file")
+        try:
+            monitor = MonitorSpec.from_any(self.monitor)
+        except ValueError as error:
+            raise GQConfigError(str(error)) from None
+        object.__setattr__(self, "monitor", dict(self.monitor or {}))
+        if monitor is not None and specs:
+            raise bad("monitor", f"a monitor changes what the run trains on, so its run is an arm of its own: drop "
+                      f"the routers {[s.name for s in specs]} (routers ride runs that train as vanilla)")
+        if monitor is not None and monitor.kind == "probe" and not self.pair_file:
+            raise bad("pair_file", "the probe monitor is trained on a pair file")
+
+    @property
+    def monitor_spec(self):
+        """The monitor (verl_gq.monitor.MonitorSpec), or None."""
+        return MonitorSpec.from_any(self.monitor)
 
     @property
     def router_specs(self) -> list[RouterSpec]:
@@ -189,6 +209,7 @@ class GQActorConfig(FSDPActorConfig):
 
 def check_run(gq: GQConfig, model_config: Any, ulysses: int = 1) -> None:
     """The checks of GQActorConfig.validate (see there) on a gq block and verl's model config."""
+    from reward.modes import MODES
     from reward.pairs import PairFileError, read_pairs
 
     from verl_gq.verl.pairs import resolve_pair_file
@@ -216,6 +237,19 @@ def check_run(gq: GQConfig, model_config: Any, ulysses: int = 1) -> None:
             if count < MIN_PAIRS:
                 raise GQConfigError(f"gq.routers.{spec.name}: {gq.pair_file} has {count} pairs of modes "
                                     f"{sorted(modes) or 'all'}; its direction and band need at least {MIN_PAIRS}")
+    monitor = gq.monitor_spec
+    if monitor is not None and monitor.kind == "probe":
+        try:
+            pairs = read_pairs(resolve_pair_file(gq.pair_file))
+        except (PairFileError, FileNotFoundError) as error:
+            raise GQConfigError(f"gq.pair_file: {error}") from None
+        unknown = sorted(set(monitor.modes) - set(MODES))
+        if unknown:
+            raise GQConfigError(f"gq.monitor.modes: unknown modes {unknown}; known: {list(MODES)}")
+        count = sum(1 for pair in pairs if not monitor.modes or pair.mode in monitor.modes)
+        if count < MIN_PAIRS:
+            raise GQConfigError(f"gq.monitor: {gq.pair_file} has {count} pairs of modes {list(monitor.modes) or 'all'}; "
+                                f"the probe's fit and held-out threshold need at least {MIN_PAIRS}")
     path = model.get("path")
     if path and Path(str(path)).is_dir():  # a hub name is checked by the engine once the model is fetched
         check_model(gq, Path(str(path)), pairs if any(spec.needs_direction for spec in gq.router_specs) else [])

@@ -43,6 +43,7 @@ from torch.profiler import record_function
 
 from verl_gq.adapter.config import QuarantineAdapterConfig
 from verl_gq.adapter.model import QuarantineAdapter, inject_quarantine_adapter
+from verl_gq.monitor.features import decoder_layer, mean_completion_activations
 from verl_gq.routing.capture import KnobGradientCapture, Segments
 from verl_gq.routing.controller import RoutingController
 from verl_gq.routing.metrics import StepMetrics
@@ -159,6 +160,16 @@ class GQFSDPEngineWithLMHead(FSDPEngineWithLMHead):
 
     def disable_adapter(self):
         return self.adapter.disabled() if self.adapter is not None else contextlib.nullcontext()
+
+    def completion_activations(self, sequences: list[tuple[list[int], list[int]]],
+                               layer: Optional[int]) -> tuple[int, torch.Tensor]:
+        """The probe monitor's features from the model in its current view: per (prompt ids, completion ids), the
+        mean over completion positions of decoder layer `layer`'s output (None: the middle layer), and that layer's
+        index. Every rank must call it with the same sequences (FSDP gathers parameters per layer)."""
+        index, module = decoder_layer(self.module, layer)
+        device = self.adapter.knob_parameters()[0].device if self.adapter is not None else torch.device(get_device_name())
+        with self.eval_mode():
+            return index, mean_completion_activations(self._run_model, module, sequences, device=device)
 
     def get_per_tensor_param(self, layered_summon=False, base_sync_done=False, **kwargs):
         if self.adapter is None:

@@ -10,6 +10,8 @@ is not forked). On top of
   deployed model (its quarantine deleted, weights re-synced to the rollout; logged as `val_deployed/<router>/*`);
   all go to `per_mode_deploy.json`, and every graded answer to `per_sample_deploy.parquet`;
 - logs the reward's per-sample fields (solve, hack, compile, channel by mode) as `train/*` metrics every step;
+- with `gq.monitor`, replaces verl's GRPO advantage by the monitored one (verl_gq.monitor: a probe or the grader's
+  labels flag rollouts, penalty or screening acts on the flags) and logs the flags' rate, recall and precision;
 - writes the run artifacts under `gq.run_dir` (docs/outputs.md): metrics.jsonl (a row per step and per
   evaluation), per_mode_deploy.json (the latest evaluation) and train.safetensors (at save points and the end).
 """
@@ -45,8 +47,10 @@ from verl_gq.eval.artifacts import (
 )
 from verl_gq.eval.artifacts import BandBounds
 from verl_gq.eval.artifacts.samples import view_samples
+from verl_gq.monitor import build_monitor, flag_quality, monitored_advantage
 from verl_gq.routing.metrics import StepMetrics
 from verl_gq.verl.config import GQConfig
+from verl_gq.verl.pairs import tokenized_pairs
 from verl_gq.verl.worker import GQActorRolloutRefWorker
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ logger = logging.getLogger(__name__)
 TRAINER_MODE = "gq_sync"
 ROLLOUT_N = "__rollout_n__"  # a validation row's samples, read by verl's trainer and agent loop (else val_kwargs.n)
 GQ_METRICS = "actor/gq/"  # where verl logs the engine's routing metrics (verl_gq.routing.metrics.StepMetrics)
+MONITOR_METRICS = "gq/monitor/"  # the monitor's flag rate, recall, precision and the probe's fit
+MONITOR_STATE_FILE = "gq_monitor.json"  # the probe beside verl's checkpoint, so a resumed run flags as the unbroken one
 # router metrics a train row holds in its typed fields; the others go to its `extra`
 TYPED_ROUTER_METRICS = ("/frout", "/kept_grad_norm", "/quarantine_grad_norm", "/band_lower", "/band_upper",
                         "/cos/mean", "/cos/std", "/cos/min", "/cos/max", "/quarantine_to_effective_norm")
@@ -159,6 +165,7 @@ class GQTrainer(PPOTrainerSync):
         self._eval_group = int(self.config.actor_rollout_ref.rollout.val_kwargs.n)  # samples a prompt, this pass
         self._final_group = self.gq.final_eval_n or self._eval_group
         self._final_eval = self._final_eval_loader()
+        self._setup_monitor()
 
     # --- deploy evaluation ------------------------------------------------------------------------------------
 
@@ -227,8 +234,66 @@ class GQTrainer(PPOTrainerSync):
             temperature=float(self.config.actor_rollout_ref.rollout.val_kwargs.temperature),
             names_randomised=bool(self.config.data.get("names_randomised", False)), as_trained=as_trained,
             deployed=deployed,
-            held_out_modes={name: held_out_modes(spec.direction_modes) for name, spec in self.gq.routers.items()})
+            held_out_modes={name: held_out_modes(spec.direction_modes) for name, spec in self.gq.routers.items()},
+            monitor=self.monitor_spec.name if self.monitor_spec is not None else None)
         record_deploy_evaluation(self.run_dir, self.metrics_log, deploy, samples)
+
+    # --- the monitor and its intervention (gq.monitor) ---------------------------------------------------------
+
+    def _setup_monitor(self) -> None:
+        self.monitor_spec = spec = self.gq.monitor_spec
+        self.monitor = None
+        if spec is None:
+            return
+        if self.config.algorithm.adv_estimator != "grpo" or self.config.algorithm.use_kl_in_reward:
+            raise ValueError(f"gq.monitor ({spec.name}) acts on GRPO's outcome advantage; set "
+                             "algorithm.adv_estimator=grpo and algorithm.use_kl_in_reward=false")
+        pairs = tokenized_pairs(self.gq.pair_file, self.tokenizer, self.gq.max_pair_tokens) if spec.kind == "probe" \
+            else []
+        self.monitor = build_monitor(spec, pairs, seed=int(self.gq.seed))
+        state_file = os.path.join(self._checkpoint_dir(), MONITOR_STATE_FILE)
+        if self.global_steps > 0 and os.path.exists(state_file):
+            with open(state_file) as f:
+                self.monitor.load_state(json.load(f))
+
+    def _checkpoint_dir(self) -> str:
+        return os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+
+    def _activations(self, sequences: list, layer: Optional[int]) -> tuple[int, np.ndarray]:
+        layer, features = self.actor_rollout_wg.completion_activations(sequences, layer)[0]
+        return layer, features.numpy()
+
+    def _compute_advantage(self, batch, metrics: dict):
+        batch = super()._compute_advantage(batch, metrics)
+        if self.monitor is None:
+            return batch
+        import transfer_queue as tq
+        from tensordict import TensorDict
+        from verl.workers.utils.padding import response_to_nested
+
+        spec = self.monitor_spec
+        multi = [key for key in batch.keys if not key.endswith("_0")]
+        if multi:
+            raise ValueError(f"gq.monitor ({spec.name}): one output per sample (a single-turn agent loop) only; "
+                             f"batch key {multi[0]!r}")
+        fields = ["uid", "rm_scores", "response_mask", "prompts", "responses"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        response_mask = data["response_mask"]
+        mask = response_mask.to_padded_tensor(0)
+        scores = data["rm_scores"].to_padded_tensor(0.0).sum(-1)
+        sequences = [(p.tolist(), r.tolist()) for p, r in zip(data["prompts"].unbind(), data["responses"].unbind())]
+        hack = self._reward_fields(batch).get("hack")
+        hack = None if hack is None else np.asarray(hack, dtype=bool)
+        flags, monitor_metrics = self.monitor.flags(self.global_steps, sequences, hack, self._activations)
+        advantage = monitored_advantage(spec, scores, list(data["uid"]), flags,
+                                        norm_by_std=self.config.algorithm.get("norm_adv_by_std_in_grpo", True))
+        nested = response_to_nested(advantage.unsqueeze(-1) * mask.to(advantage.dtype), response_mask)
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
+                        fields=TensorDict({"advantages": nested, "returns": nested.clone()}, batch_size=len(batch)))
+        # against the grader's label: logged only, never read by training
+        quality = flag_quality(flags, hack) if hack is not None else {"flag_rate": float(np.mean(flags))}
+        metrics.update({f"{MONITOR_METRICS}{k}": v for k, v in {**quality, **monitor_metrics}.items() if v is not None})
+        return batch
 
     # --- per-step metrics and artifacts -----------------------------------------------------------------------
 
@@ -282,13 +347,17 @@ class GQTrainer(PPOTrainerSync):
             as_trained=as_trained,
             grad_norm=float(metrics["actor/grad_norm"]),
             routers=routers,
-            extra={k: float(v) for k, v in metrics.items()
-                   if k.startswith(GQ_METRICS) and np.isscalar(v) and not k.endswith(TYPED_ROUTER_METRICS)},
+            extra={k: float(v) for k, v in metrics.items() if np.isscalar(v) and (
+                k.startswith(MONITOR_METRICS) or (k.startswith(GQ_METRICS) and not k.endswith(TYPED_ROUTER_METRICS)))},
         )
         self.metrics_log.append(row)
 
     def _save_checkpoint(self):
         super()._save_checkpoint()
+        state = self.monitor.state() if self.monitor is not None else None
+        if state is not None:
+            with open(os.path.join(self._checkpoint_dir(), MONITOR_STATE_FILE), "w") as f:
+                json.dump(state, f)
         if self.run_dir is not None:
             self._save_adapter()
 

@@ -1,4 +1,5 @@
-"""The actor worker of the gq trainer: verl's ActorRolloutRefWorker plus the view switch and adapter saving."""
+"""The actor worker of the gq trainer: verl's ActorRolloutRefWorker plus the view switch, the probe monitor's features
+and adapter saving."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ class GQActorRolloutRefWorker(ActorRolloutRefWorker):
         """The model for forward passes and the next weight sync: None as trained, a router's name deployed without
         its quarantine."""
         self._gq_engine().set_view(view)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def completion_activations(self, sequences: list[tuple[list[int], list[int]]], layer):
+        """(layer index, (n, hidden) CPU tensor): the probe monitor's features of (prompt ids, completion ids) from
+        the model as trained (verl_gq.monitor.features)."""
+        return self._gq_engine().completion_activations(sequences, layer)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def save_adapter(self, path: str, metadata: dict[str, str]) -> None:

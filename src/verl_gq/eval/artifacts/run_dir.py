@@ -308,7 +308,7 @@ def content_sha256(path: Path) -> str:
 
 def deploy_evaluation(run_dir: RunDir, *, seed: int, step: int, model: str, group: int, temperature: float,
                       names_randomised: bool, as_trained: EvalBlock, deployed: dict[str, EvalBlock],
-                      held_out_modes: dict[str, list[str]]) -> DeployEval:
+                      held_out_modes: dict[str, list[str]], monitor: Optional[str] = None) -> DeployEval:
     """The record of per_mode_deploy.json for an evaluation of the run's saved knobs (the one builder: the trainer
     and the stand-alone evaluation both make theirs here): the as-trained block, each router's deployed block with
     the modes its direction held out, n_prompts from the samples and the group, the content hash of the
@@ -321,6 +321,7 @@ def deploy_evaluation(run_dir: RunDir, *, seed: int, step: int, model: str, grou
                  for name, block in deployed.items()},
         train_content_sha256=run_dir.train_content_sha256(),
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(), git_commit=source_commit(),
+        monitor=monitor,
     )
 
 

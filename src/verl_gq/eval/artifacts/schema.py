@@ -151,7 +151,8 @@ class DeployEval:
     n_prompts prompts x `group` samples each at `temperature`, over `eval_modes`, for every view. `names_randomised`
     says whether the exploit names (function, attribute, marker, file) were drawn per prompt. `train_content_sha256` is
     the content SHA-256 (run_dir.content_sha256) of the train.safetensors the evaluation was computed from (None
-    where unknown). `legacy_arm` is set
+    where unknown). `monitor` names the arm of a run trained with a monitor and its intervention (gq.monitor, e.g.
+    screening_probe; such a run has no routers). `legacy_arm` is set
     only on a record read from a schema-1 file: its run's single arm (routers then holds that arm's deployed view).
     """
 
@@ -170,6 +171,7 @@ class DeployEval:
     train_content_sha256: Optional[str] = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     created_at: str
     git_commit: Optional[str]
+    monitor: Optional[str] = Field(default=None, min_length=1)
     legacy_arm: Optional[str] = None
 
     @model_validator(mode="after")
@@ -191,6 +193,9 @@ class DeployEval:
             if block.overall.n != self.n_prompts * self.group:
                 raise ValueError(f"{name}.overall.n = {block.overall.n} must be n_prompts x group = "
                                  f"{self.n_prompts} x {self.group}: every sample is graded (a crash scores 0)")
+        if self.monitor is not None and self.routers:
+            raise ValueError(f"monitor {self.monitor!r}: a run trained with a monitor has no routers "
+                             f"(got {sorted(self.routers)})")
         if self.legacy_arm is not None and list(self.routers) != [self.legacy_arm]:
             raise ValueError(f"legacy_arm {self.legacy_arm!r}: a schema-1 record holds exactly that arm's view")
         try:

@@ -2,7 +2,8 @@
 
 A run folder holds one training run, named `<experiment>_s<seed>` by the recipes. Its arms: each router's deployed
 model (arm = the router's name) and, for a run with routers, the model as trained (arm `<experiment>:as_trained`: the
-effective knob, vanilla's training by construction); a run with no routers is the arm `vanilla`. Arms of one run are
+effective knob, vanilla's training by construction); a run with no routers is the arm `vanilla`, or, trained with a
+monitor (gq.monitor), the monitor's arm (e.g. `screening_probe`). Arms of one run are
 paired with each other by construction, and with arms of other runs by seed. A run written before routers (schema 1)
 is its one arm.
 
@@ -127,7 +128,7 @@ def arm_names(deploy: DeployEval) -> list[str]:
     if deploy.legacy_arm is not None:
         return [deploy.legacy_arm]
     if not deploy.routers:
-        return [VANILLA_ARM]
+        return [deploy.monitor or VANILLA_ARM]
     return [*deploy.routers, as_trained_arm(deploy.run)]
 
 
