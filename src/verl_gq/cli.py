@@ -2,7 +2,7 @@
 
     verl-gq data leetcode --out data/leetcode          verl parquet files of the LeetCode loophole substrate
     verl-gq data organism --out data/organism          the model organism's parquet files
-    verl-gq pairs build|validate ...                   the clean/hack pair set the routers' directions come from
+    verl-gq pairs build|validate|calibrate ...         the clean/hack pair set the routers' directions come from
     verl-gq deploy-eval RUN_DIR --eval-file FILE       a saved run's deploy evaluation, outside verl
     verl-gq report RUNS_DIR                            every table and figure from a folder of runs
     verl-gq export RUN_DIR --out DIR --format hf|peft  a router's deployed model for transformers, vLLM or peft
@@ -22,7 +22,7 @@ from verl_gq.commands import CommandError
 # command -> (module of verl_gq.commands, one-line help); a module with SUBCOMMANDS has its own subcommands
 COMMANDS = {
     "data": ("data", "build verl parquet files: the LeetCode substrate or the model organism"),
-    "pairs": ("pairs", "build or validate a clean/hack pair set"),
+    "pairs": ("pairs", "build, validate or calibrate on a clean/hack pair set"),
     "deploy-eval": ("deploy_eval", "evaluate a saved run as trained and deployed without each router's quarantine"),
     "report": ("report", "tables and figures from a folder of run folders"),
     "export": ("export", "export a router's deployed model as a Hugging Face folder or a PEFT LoRA adapter"),

@@ -3,6 +3,7 @@
     verl-gq pairs build [--source leetcode|organism] [--contrast solution|minimal] [--out DIR] [--per-mode 18]
                         [--modes run_tests,sentinel]
     verl-gq pairs validate FILE [--source leetcode|organism]
+    verl-gq pairs calibrate FILE --model DIR|organism [--direction-ranks 1,2,4] [--quantiles 0.9,0.1 ...]
 
 build makes pairs from TRAIN problems: for each mode its problems in a seeded order, short ones only, one pair per
 problem cycling through the mode's hack styles. A "solution" pair contrasts the reference solution with a stub plus
@@ -12,7 +13,10 @@ candidate is graded (the clean answer solves under the strict oracle, or for a m
 hack fails the oracle, pays on its own mode's channel and on no other), failing ones are reported and left out,
 and the first --per-mode valid pairs of each mode go to DIR/pairs.jsonl with DIR/manifest.json (counts per mode and
 style, the problems used, the rejected candidates and why). validate checks a pair file's every line, then grades
-every pair the same way; it exits 1 naming each failing pair.
+every pair the same way; it exits 1 naming each failing pair. calibrate measures each candidate direction rank and
+band quantile pair on held-out pairs (verl_gq.routing.calibration: the routed fraction of held-out hack and clean
+completions, the AUC) and names the one the rule picks: router settings from the pairs alone, never from graded
+samples of the model under study.
 """
 
 from __future__ import annotations
@@ -169,7 +173,71 @@ def run_validate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def add_calibrate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="a pair file (jsonl), or pkg://<package>/<file> as gq.pair_file takes it")
+    parser.add_argument("--model", required=True,
+                        help="the base model folder (HF), or `organism` for the shipped model organism")
+    parser.add_argument("--rank", type=int, default=64, help="the adapter's SVD rank (gq.rank)")
+    parser.add_argument("--direction-ranks", default="1,2,4", help="candidate direction ranks, comma-separated")
+    parser.add_argument("--quantiles", nargs="+", default=["0.9,0.1", "0.75,0.25", "0.5,0.5"],
+                        help="candidate clean_quantile,hack_quantile pairs")
+    parser.add_argument("--outer-folds", type=int, default=4, help="held-out folds of pairs")
+    parser.add_argument("--seed", type=int, default=0, help="the folds' seed (a run uses gq.seed)")
+    parser.add_argument("--max-pair-tokens", type=int, default=4096)
+    parser.add_argument("--out", type=Path, help="write every candidate's figures and the choice as JSON")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from verl_gq.adapter import QuarantineAdapterConfig, inject_quarantine_adapter
+    from verl_gq.routing.calibration import choose_setting, held_out_settings
+    from verl_gq.routing.direction import pair_gradients
+    from verl_gq.verl.pairs import load_pairs, tokenized_pairs
+
+    try:
+        ranks = [int(k) for k in args.direction_ranks.split(",")]
+        quantiles = [tuple(float(q) for q in spec.split(",")) for spec in args.quantiles]
+    except ValueError:
+        raise CommandError(f"--direction-ranks {args.direction_ranks!r} / --quantiles {args.quantiles}: "
+                           "expected ints like 1,2 and pairs like 0.9,0.1") from None
+    if any(len(q) != 2 or not 0 <= q[1] <= q[0] <= 1 for q in quantiles):
+        raise CommandError(f"--quantiles {args.quantiles}: each is clean,hack with 0 <= hack <= clean <= 1")
+    if args.model == "organism":
+        from verl_gq.organism.shipped import CHECKPOINT_DIR as model_dir
+    else:
+        model_dir = Path(args.model)
+    try:
+        pairs = load_pairs(args.file)
+    except Exception as error:  # noqa: BLE001 - a bad file is the user's error: named, not a traceback
+        raise CommandError(str(error)) from None
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    adapter = inject_quarantine_adapter(model, QuarantineAdapterConfig(rank=args.rank))
+    grads = pair_gradients(model, adapter, tokenized_pairs(args.file, tokenizer, args.max_pair_tokens))
+    settings = held_out_settings(grads, [p.mode for p in pairs], ranks, quantiles, outer_folds=args.outer_folds,
+                                 seed=args.seed)
+    chosen = choose_setting(settings)
+    print(f"{args.file}: {len(pairs)} pairs, {args.outer_folds} held-out folds, model {model_dir}, rank {args.rank}")
+    print("direction_rank clean_q hack_q  routed_hack routed_clean separation   auc  degenerate_folds")
+    for s in settings:
+        mark = "  <- chosen" if s == chosen else ""
+        print(f"{s.direction_rank:14d} {s.clean_quantile:7.2f} {s.hack_quantile:6.2f} {s.routed_hack:12.3f} "
+              f"{s.routed_clean:12.3f} {s.separation:10.3f} {s.auc:6.3f} {s.degenerate_folds:6d}{mark}")
+    if args.out:
+        args.out.write_text(json.dumps({
+            "pair_file": str(args.file), "n_pairs": len(pairs), "model": str(model_dir), "rank": args.rank,
+            "outer_folds": args.outer_folds, "seed": args.seed, "settings": [s.row() for s in settings],
+            "chosen": {"direction_rank": chosen.direction_rank, "clean_quantile": chosen.clean_quantile,
+                       "hack_quantile": chosen.hack_quantile}}, indent=1) + "\n")
+    return 0
+
+
 SUBCOMMANDS = {
     "build": (add_build, run_build, "build and validate a pair set from train problems"),
     "validate": (add_validate, run_validate, "check a pair file's format and grade every pair"),
+    "calibrate": (add_calibrate, run_calibrate, "choose a router's direction rank and band quantiles from the pairs "
+                                                "alone (held-out pairs)"),
 }
