@@ -57,7 +57,7 @@ def test_organism_recipes_compose_onto_the_shipped_checkpoint_pairs_and_reward(c
         assert Path(model.path) == CHECKPOINT_DIR, f"{recipe}: the shipped organism, resolved without the cwd"
         assert cfg.actor_rollout_ref.rollout.name == "hf"
         assert cfg.reward.custom_reward_function.path == "pkg://reward.verl_entry"
-        assert resolve_pair_file(gq.pair_file).parent == ORGANISM_PAIRS
+        assert resolve_pair_file(gq.pair_file).parent == ORGANISM_PAIRS / "minimal", "the preregistered pair set"
         checked = GQConfig.from_any(gq)  # validates every gq field
         rollout = cfg.actor_rollout_ref.rollout
         assert rollout.temperature == rollout.val_kwargs.temperature == 0.7 and rollout.val_kwargs.do_sample
