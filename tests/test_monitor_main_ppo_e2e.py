@@ -2,7 +2,7 @@
 probe with screening (refitted every step) and the label monitor with a penalty. What it shows: the recipes compose;
 the trainer replaces verl's advantage with the monitored one every step; the probe is fitted on the organism's pairs
 through the actor worker (policy activations) and refitted on schedule; the flag rate, recall and precision are
-logged to verl and metrics.jsonl; the run's evaluation names its arm (the report's row); the probe travels with
+logged to verl and metrics.jsonl; the run's evaluation names its arm, a row of the report; the probe travels with
 verl's checkpoint.
 """
 
@@ -77,3 +77,17 @@ def test_runs_name_their_arm_and_keep_the_monitor_metrics(runs):
                        .read_text())
     assert state["step"] == 2 and state["layer"] == 3, "fitted at step 2 on the middle of the organism's 6 layers"
     assert not (runs["tmp"] / "checkpoints" / "penalty_gt_labels90" / "global_step_2" / "gq_monitor.json").exists()
+
+
+def test_the_report_has_a_row_per_monitor_arm(runs, tmp_path):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    result = subprocess.run([sys.executable, "-m", "verl_gq.cli", "report", str(runs["tmp"] / "runs"), "--out",
+                             str(tmp_path), "--baseline", "penalty_gt_labels90"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    keynote = pd.read_csv(next(tmp_path.glob("*keynote*.csv")))
+    assert sorted(keynote["arm"]) == ["penalty_gt_labels90", "screening_probe"]
