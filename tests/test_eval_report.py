@@ -126,6 +126,11 @@ def test_paired_t_test_matches_closed_forms_and_scipy():
     # 2 pairs, differences 1, 3: t = 2 with 1 df (Cauchy): p = 1 - (2/pi) atan(2)
     two = paired_t_test({0: 1.0, 1: 3.0}, {0: 0.0, 1: 0.0})
     assert math.isclose(two.p, 1 - 2 / math.pi * math.atan(2.0), rel_tol=1e-12)
+    # its 95% interval: mean 2 +- t(0.975, 1 df) x SEM 1, and t(0.975, 1 df) = tan(0.475 pi) (Cauchy quantile)
+    half = math.tan(0.475 * math.pi)
+    assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(two.ci95, (2 - half, 2 + half)))
+    scipy_ci = stats.ttest_rel([11, 22, 36], [10, 20, 30]).confidence_interval(0.95)
+    assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(test.ci95, (scipy_ci.low, scipy_ci.high)))
     # the sign follows arm - baseline and seeds only in one arm are not paired
     swapped = paired_t_test({**base, 7: 0.0}, arm)
     assert swapped.mean_diff == -3.0 and swapped.n_pairs == 3 and math.isclose(swapped.p, test.p, rel_tol=1e-12)

@@ -32,7 +32,8 @@ def mean_sem(values: Sequence[float]) -> tuple[float, Optional[float]]:
 
 @dataclass(frozen=True)
 class PairedTest:
-    """Arm minus baseline over the seeds both have. `p` is None with a `note` when the test cannot be run."""
+    """Arm minus baseline over the seeds both have. `p` and the 95% t interval of the mean difference (`ci95`) are
+    None with a `note` when the test cannot be run."""
 
     seeds: tuple[int, ...]
     mean_diff: Optional[float]
@@ -40,6 +41,7 @@ class PairedTest:
     t: Optional[float]
     p: Optional[float]
     note: str
+    ci95: Optional[tuple[float, float]] = None
 
     @property
     def n_pairs(self) -> int:
@@ -58,4 +60,6 @@ def paired_t_test(arm: Mapping[int, float], baseline: Mapping[int, float]) -> Pa
     if sem_diff == 0.0:
         return PairedTest(seeds, mean_diff, sem_diff, None, None, "n/a (all paired differences equal)")
     result = stats.ttest_rel([arm[s] for s in seeds], [baseline[s] for s in seeds])
-    return PairedTest(seeds, mean_diff, sem_diff, float(result.statistic), float(result.pvalue), "")
+    half = float(stats.t.ppf(0.975, len(seeds) - 1)) * sem_diff
+    return PairedTest(seeds, mean_diff, sem_diff, float(result.statistic), float(result.pvalue), "",
+                      (mean_diff - half, mean_diff + half))

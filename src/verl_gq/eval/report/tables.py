@@ -97,11 +97,14 @@ def _summary(prefix: str, values: dict[int, float]) -> dict[str, Any]:
 
 def _comparison(prefix: str, values: dict[int, float], base: dict[int, float], blocker: str) -> dict[str, Any]:
     if blocker:
-        return {f"delta_{prefix}": None, f"delta_{prefix}_sem": None, f"p_{prefix}": None,
-                f"n_pairs_{prefix}": None, f"note_{prefix}": blocker}
+        return {f"delta_{prefix}": None, f"delta_{prefix}_sem": None, f"delta_{prefix}_ci95_low": None,
+                f"delta_{prefix}_ci95_high": None, f"p_{prefix}": None, f"n_pairs_{prefix}": None,
+                f"note_{prefix}": blocker}
     test = paired_t_test(values, base)
-    return {f"delta_{prefix}": test.mean_diff, f"delta_{prefix}_sem": test.sem_diff, f"p_{prefix}": test.p,
-            f"n_pairs_{prefix}": test.n_pairs, f"note_{prefix}": test.note}
+    low, high = test.ci95 or (None, None)
+    return {f"delta_{prefix}": test.mean_diff, f"delta_{prefix}_sem": test.sem_diff, f"delta_{prefix}_ci95_low": low,
+            f"delta_{prefix}_ci95_high": high, f"p_{prefix}": test.p, f"n_pairs_{prefix}": test.n_pairs,
+            f"note_{prefix}": test.note}
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -116,13 +119,15 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 def _delta_text(row: dict[str, Any], prefix: str) -> str:
     if row[f"delta_{prefix}"] is None:
         return "—" if row[f"note_{prefix}"] == "baseline" else row[f"note_{prefix}"]
-    return f"{_mean_sem_text(row[f'delta_{prefix}'], row[f'delta_{prefix}_sem'], row[f'n_pairs_{prefix}'])} " \
-           f"(n={row[f'n_pairs_{prefix}']})"
+    low = _nan_none(row.get(f"delta_{prefix}_ci95_low"))
+    interval = "" if low is None else f" [{low:.3f}, {row[f'delta_{prefix}_ci95_high']:.3f}]"
+    return f"{_mean_sem_text(row[f'delta_{prefix}'], row[f'delta_{prefix}_sem'], row[f'n_pairs_{prefix}'])}" \
+           f"{interval} (n={row[f'n_pairs_{prefix}']})"
 
 
 def _test_note(alpha: float, baseline: str) -> str:
     return (f"Mean ± SEM over seeds (SEM = sample std / sqrt(n)). Δ = paired mean over common seeds of "
-            f"(arm − {baseline}), n = pairs. Test: {TEST_NAME}, assuming roughly normal per-seed differences; "
+            f"(arm − {baseline}), [95% t interval of that mean], n = pairs. Test: {TEST_NAME}, assuming roughly normal per-seed differences; "
             f"alpha = {alpha}; * marks p < alpha; p is not adjusted for the number of arms compared. "
             f"Arms with one seed or other eval settings are shown but not compared.")
 
