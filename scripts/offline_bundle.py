@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+from verl_gq.eval.artifacts.run_dir import SOURCE_COMMIT_FILE, source_commit  # noqa: E402
 
 PACKAGES = [
     "verl==0.9.1", "ray==2.60.0", "transformers==5.10.4", "tokenizers==0.22.2", "tensordict==0.10.0",
@@ -87,6 +89,8 @@ def build(out: Path, python_version: str) -> Path:
             shutil.rmtree(site / relative, ignore_errors=True)
         for cache in list(site.rglob("__pycache__")):
             shutil.rmtree(cache, ignore_errors=True)
+        # no .git travels with the bundle: the artifacts' git_commit comes from this stamp (run_dir.source_commit)
+        (site / "verl_gq" / SOURCE_COMMIT_FILE).write_text(source_commit(REPO / "src" / "verl_gq") or "")
         archive = out / "site.tar.xz"
         with tarfile.open(archive, "w:xz", preset=9) as tar:
             for entry in sorted(site.iterdir()):

@@ -47,6 +47,6 @@ for line in open(sys.argv[2]):
     if r["kind"] == "eval":
         views = {"as_trained": r["as_trained"]["overall"], **{k: v["overall"] for k, v in r["routers"].items()}}
         print("eval", r["step"], r["n_prompts"], "x", r["group"], views)
-    elif r["step"] % 10 == 0:
+    elif r["kind"] == "train" and r["step"] % 10 == 0:
         print("train", r["step"], "reward", round(r["reward_mean"], 3), r["as_trained"]["overall"])
 PY

@@ -364,6 +364,17 @@ def test_source_commit_names_this_checkout():
     assert commit.startswith(git.stdout.strip()), f"{commit} should be this checkout's HEAD {git.stdout.strip()}"
 
 
+def test_source_commit_outside_git_reads_the_bundle_stamp(tmp_path):
+    """An offline bundle's package has no .git beside it: the commit it was built from is stamped into it."""
+    from verl_gq.eval.artifacts.run_dir import SOURCE_COMMIT_FILE, source_commit
+
+    package = tmp_path / "verl_gq"
+    package.mkdir()
+    assert source_commit(package) is None, "no git, no stamp: unknown"
+    (package / SOURCE_COMMIT_FILE).write_text("0123456789abcdef0123456789abcdef01234567-dirty\n")
+    assert source_commit(package) == "0123456789abcdef0123456789abcdef01234567-dirty"
+
+
 def test_train_content_hash_ignores_the_header_order_and_sees_every_tensor_and_metadata_item(tmp_path):
     """safetensors writes its metadata in no fixed order: the content hash must not care, and must change with any
     tensor byte or metadata value."""

@@ -58,14 +58,20 @@ CONFIG_FILE = "config.yaml"
 METADATA_KEYS = ("resolved_config", "seed", "step")
 
 
-def source_commit() -> Optional[str]:
-    """The verl-gq checkout's HEAD, with "-dirty" for uncommitted changes, for an artifact's provenance; None outside
-    a git checkout (an installed wheel)."""
+PACKAGE_DIR = Path(__file__).resolve().parents[2]  # the verl_gq package
+# written into an offline bundle's copy of the package by scripts/offline_bundle.py: the commit it was built from
+SOURCE_COMMIT_FILE = "SOURCE_COMMIT"
+
+
+def source_commit(package_dir: Path = PACKAGE_DIR) -> Optional[str]:
+    """The verl-gq checkout's HEAD, with "-dirty" for uncommitted changes, for an artifact's provenance; outside a
+    git checkout, the commit stamped into the package (`SOURCE_COMMIT`, an offline bundle's), else None (a wheel)."""
     try:
         return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
-                              text=True, timeout=10, check=True, cwd=Path(__file__).resolve().parent).stdout.strip() or None
+                              text=True, timeout=10, check=True, cwd=package_dir).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        return None
+        stamp = package_dir / SOURCE_COMMIT_FILE
+        return stamp.read_text().strip() or None if stamp.is_file() else None
 
 
 class MetricsLogError(RuntimeError):
