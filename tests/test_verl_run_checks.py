@@ -146,3 +146,14 @@ def test_a_checkpoint_engine_that_bypasses_the_merged_weights_is_refused(smoke_d
     if shutil.which("unshare") is None:  # the sandbox check needs an isolating host, which the CPU suite has
         return
     check_trainer_config(composed([], smoke_dir))
+
+
+def test_a_monitor_on_another_advantage_is_refused_before_the_workers(smoke_dir):
+    from verl_gq.verl.trainer import check_trainer_config
+
+    monitor = [f"{GQ}.routers.route2b=null", f"{GQ}.routers.route2b_heldout=null",
+               f"+{GQ}.monitor.kind=gt_labels", f"+{GQ}.monitor.intervention=screening"]
+    with pytest.raises(ValueError, match=r"gq.monitor \(screening_gt_labels90\) acts on GRPO's outcome advantage"):
+        check_trainer_config(composed([*monitor, "algorithm.adv_estimator=rloo"], smoke_dir))
+    with pytest.raises(ValueError, match="algorithm.use_kl_in_reward=false"):
+        check_trainer_config(composed([*monitor, "algorithm.use_kl_in_reward=true"], smoke_dir))

@@ -116,7 +116,12 @@ UNSUPPORTED_CHECKPOINT_ENGINES = ("delta_sharded",)
 
 def check_trainer_config(config) -> None:
     """What the gq trainer cannot honour, refused before any worker is built: a checkpoint engine that bypasses
-    the merged-weight stream, and a reward sandbox that cannot isolate on this host."""
+    the merged-weight stream, a monitor on an advantage other than GRPO's outcome one, and a reward sandbox that
+    cannot isolate on this host."""
+    monitor = GQConfig.from_any(config.actor_rollout_ref.actor.fsdp_config.get("gq")).monitor_spec
+    if monitor is not None and (config.algorithm.adv_estimator != "grpo" or config.algorithm.use_kl_in_reward):
+        raise ValueError(f"gq.monitor ({monitor.name}) acts on GRPO's outcome advantage; set "
+                         "algorithm.adv_estimator=grpo and algorithm.use_kl_in_reward=false")
     backend = config.actor_rollout_ref.rollout.get("checkpoint_engine", {}).get("backend", "naive")
     if backend in UNSUPPORTED_CHECKPOINT_ENGINES:
         raise ValueError(f"actor_rollout_ref.rollout.checkpoint_engine.backend={backend!r}: it ships the actor's "
@@ -245,9 +250,6 @@ class GQTrainer(PPOTrainerSync):
         self.monitor = None
         if spec is None:
             return
-        if self.config.algorithm.adv_estimator != "grpo" or self.config.algorithm.use_kl_in_reward:
-            raise ValueError(f"gq.monitor ({spec.name}) acts on GRPO's outcome advantage; set "
-                             "algorithm.adv_estimator=grpo and algorithm.use_kl_in_reward=false")
         pairs = tokenized_pairs(self.gq.pair_file, self.tokenizer, self.gq.max_pair_tokens) if spec.kind == "probe" \
             else []
         self.monitor = build_monitor(spec, pairs, seed=int(self.gq.seed))
@@ -264,6 +266,8 @@ class GQTrainer(PPOTrainerSync):
         return layer, features.numpy()
 
     def _compute_advantage(self, batch, metrics: dict):
+        # verl's GRPO first, then, with a monitor, its replacement: a registered advantage estimator is handed the
+        # rewards, mask and group ids only, so the flags cannot reach one
         batch = super()._compute_advantage(batch, metrics)
         if self.monitor is None:
             return batch
