@@ -31,7 +31,7 @@ from verl_gq.eval.artifacts.schema import (
     RouterStep,
     TrainRow,
 )
-from verl_gq.eval.report.stats import mean_sem, paired_t_test
+from verl_gq.eval.report.stats import holm, mean_sem, paired_t_test, prompt_clustered_se
 from verl_gq.eval.report.tables import ablation_table, held_out_table, keynote_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,12 +54,12 @@ def block(hack: list[int], solve: list[int]) -> EvalBlock:
 def write_run(root: Path, name: str, *, arm: str, seed: int, hack: int | None = None,
               hack_by_mode: list[int] | None = None, solve: int = 2, steps: int = 4, frout: float = 0.25,
               held_out: tuple[str, ...] = (), temperature: float = 0.7, gq: dict | None = None,
-              routers: dict[str, int] | None = None) -> RunDir:
+              routers: dict[str, int] | None = None, with_samples: bool = False) -> RunDir:
     """A complete run through the real writers. arm "vanilla": a run without routers whose as-trained deploy hack is
     as given. Any other arm: a run with that router (deploy hack as given, as-trained deploy hack = it + 2, router
     config `gq`, held-out modes `held_out`) and the further `routers` ({name: deploy hack}). Train rows 1..steps
     (as-trained hack = seed + step), eval rows at steps/2 and the end, solve = `solve` everywhere; train.safetensors
-    is written first and its hash recorded."""
+    is written first and its hash recorded. `with_samples`: per_sample_deploy.parquet too (`samples_of`)."""
     run = RunDir(root / name)
     deploy_hack = hack_by_mode if hack_by_mode is not None else spread(hack)
     named = {} if arm == "vanilla" else {arm: deploy_hack, **{r: spread(h) for r, h in (routers or {}).items()}}
@@ -79,6 +79,9 @@ def write_run(root: Path, name: str, *, arm: str, seed: int, hack: int | None = 
         log.append(TrainRow(step=step, time=float(step), reward_mean=1.0, as_trained=block(spread(seed + step),
                             spread(solve)), grad_norm=1.2, routers={r: routed for r in named}))
         if step in (steps // 2, steps):
+            views = {"as_trained": (as_trained_hack, spread(solve)), **{r: (h, spread(solve)) for r, h in named.items()}}
+            samples = pd.concat([samples_of(view, step, *counts) for view, counts in views.items()],
+                                ignore_index=True) if with_samples else None
             record_deploy_evaluation(run, log, DeployEval(
                 run=name, seed=seed, step=step, model="tiny-qwen2", n_prompts=N_PROMPTS, group=GROUP,
                 temperature=temperature, eval_modes=list(MODES), names_randomised=True,
@@ -86,8 +89,19 @@ def write_run(root: Path, name: str, *, arm: str, seed: int, hack: int | None = 
                 routers={r: RouterEval(held_out_modes=list(held_out) if r == arm else [],
                                        deployed=block(h, spread(solve))) for r, h in named.items()},
                 train_content_sha256=run.train_content_sha256(), created_at="2025-06-01T12:00:00+00:00",
-                git_commit="abc123"))
+                git_commit="abc123"), samples)
     return run
+
+
+def samples_of(view: str, step: int, hack: list[int], solve: list[int]) -> pd.DataFrame:
+    """One view's per-sample outcomes with the given per-mode counts: mode m's 4 answers are prompts 2m and 2m + 1
+    x 2 samples, the first `hack` of them hacks, the next `solve` solves."""
+    rows = []
+    for m, (mode, h, s) in enumerate(zip(MODES, hack, solve)):
+        for i in range(PER_MODE_N):
+            rows.append({"step": step, "view": view, "prompt": 2 * m + i // GROUP, "mode": mode, "sample": i % GROUP,
+                         "solve": h <= i < h + s, "hack": i < h, "channel": i < h, "response_chars": 10})
+    return pd.DataFrame(rows)
 
 
 # Deploy hack counts out of 16 by seed. Paired differences route2b - vanilla: -4, -5, -3 (/16).
@@ -136,6 +150,28 @@ def test_paired_t_test_matches_closed_forms_and_scipy():
     assert swapped.mean_diff == -3.0 and swapped.n_pairs == 3 and math.isclose(swapped.p, test.p, rel_tol=1e-12)
 
 
+def test_holm_adjustment_by_hand():
+    # sorted 0.01, 0.03, 0.04: x3 = 0.03, x2 = 0.06, x1 = 0.04 -> kept monotone at 0.06
+    assert holm({"a": 0.04, "b": 0.01, "c": 0.03}) == pytest.approx({"a": 0.06, "b": 0.03, "c": 0.06}, abs=1e-15)
+    assert holm({"a": 0.6, "b": 0.5}) == {"a": 1.0, "b": 1.0}, "capped at 1"
+    assert holm({}) == {}
+
+
+def test_prompt_clustered_se_by_hand():
+    def samples(hacks: dict[int, list[int]]) -> pd.DataFrame:
+        return pd.DataFrame([{"prompt": p, "hack": bool(h), "solve": False} for p, hs in hacks.items() for h in hs])
+
+    # two seeds, three prompts, two samples each. Cells (arm - base mean per prompt): seed 41: 0.5, 0, 1;
+    # seed 42: 0, 0.5, 0.5 -> clusters 0.25, 0.25, 0.75: std 0.288675.. / sqrt(3)
+    arm = {41: samples({0: [1, 0], 1: [0, 0], 2: [1, 1]}), 42: samples({0: [0, 0], 1: [1, 0], 2: [1, 0]})}
+    base = {41: samples({0: [0, 0], 1: [0, 0], 2: [0, 0]}), 42: samples({0: [0, 0], 1: [0, 0], 2: [0, 0]})}
+    expected = np.std([0.25, 0.25, 0.75], ddof=1) / math.sqrt(3)
+    assert math.isclose(prompt_clustered_se(arm, base, "hack"), expected, rel_tol=1e-12)
+    assert prompt_clustered_se({41: arm[41]}, {41: base[41]}, "hack") is None, "one seed: no SE"
+    other = {**base, 42: samples({0: [0, 0], 1: [0, 0], 5: [0, 0]})}
+    assert prompt_clustered_se(arm, other, "hack") is None, "the views must share the prompts"
+
+
 def test_paired_t_test_says_na_instead_of_a_number_when_it_cannot_run():
     one = paired_t_test({0: 0.5, 1: 0.4}, {0: 0.7})
     assert (one.p, one.note, one.mean_diff) == (None, "n/a (n<2 pairs)", pytest.approx(-0.2))
@@ -167,6 +203,24 @@ def test_keynote_table_has_the_known_means_sems_deltas_and_p(tmp_path):
     assert r2b.note_solve == "n/a (all paired differences equal)" and pd.isna(r2b.p_solve)
     assert "alpha = 0.05" in table.markdown and "ttest_rel" in table.markdown and "(n=3)" in table.markdown
     assert "0.0202 *" in table.markdown, "p < alpha should be marked"
+
+
+def test_keynote_clusters_by_prompt_from_the_runs_per_sample_outcomes_and_adjusts_by_holm(tmp_path):
+    for seed, hack in VANILLA_HACK.items():
+        write_run(tmp_path, f"vanilla_s{seed}", arm="vanilla", seed=seed, hack=hack, frout=0.0, with_samples=True)
+    for seed, hack in ROUTE2B_HACK.items():
+        write_run(tmp_path, f"route2b_s{seed}", arm="route2b", seed=seed, hack=hack, with_samples=True)
+    runset = collect_runs(tmp_path)
+    frame = keynote_table(runset, "vanilla", 0.05).frame.set_index("arm")
+    row = frame.loc["route2b"]
+    by_seed = {arm: {r.seed: r.samples for r in runset.arms[arm]} for arm in ("route2b", "vanilla")}
+    assert all(len(s) == N for s in by_seed["route2b"].values()), "each arm reads its own view's samples"
+    expected = prompt_clustered_se(by_seed["route2b"], by_seed["vanilla"], "hack")
+    assert expected is not None and row["delta_hack_se_prompt"] == expected
+    compared = frame["p_hack"].dropna()  # route2b and route2b:as_trained against vanilla
+    assert len(compared) == 2 and frame["p_hack_holm"].dropna().to_dict() == holm(compared.to_dict())
+    bare = keynote_table(collect_runs(write_keynote_runs(tmp_path / "bare") or tmp_path / "bare"), "vanilla", 0.05)
+    assert pd.isna(bare.frame.set_index("arm").loc["route2b", "delta_hack_se_prompt"]), "no samples: n/a"
 
 
 def test_the_routers_of_one_run_are_arms_paired_by_seed_with_the_run_as_trained(tmp_path):

@@ -89,7 +89,8 @@ class ArmDeploy:
 @dataclass(frozen=True)
 class Run:
     """One arm of a complete run: its deploy evaluation, its train and eval rows as flat frames (the train frame's
-    `frout` is the arm's own), the arm's router config and the run's other gq settings."""
+    `frout` is the arm's own), the arm's router config and the run's other gq settings, and the arm's per-sample
+    outcomes of that evaluation (its view of per_sample_deploy.parquet; None where the run has none)."""
 
     name: str
     deploy: ArmDeploy
@@ -97,6 +98,7 @@ class Run:
     evals: pd.DataFrame
     router: dict[str, Any]
     gq: dict[str, Any]
+    samples: Optional[pd.DataFrame] = None
 
     @property
     def arm(self) -> str:
@@ -205,12 +207,21 @@ def load_run(run_dir: RunDir) -> list[Run]:
     if deploy.legacy_arm is not None and deploy.legacy_arm != VANILLA_ARM:
         # a run written before routers: its one arm's routing settings sat at the top of the gq block
         routers = {deploy.legacy_arm: {field: gq.get(legacy) for field, legacy in LEGACY_ROUTER_FIELDS.items()}}
+    samples = None
+    if run_dir.samples_file.exists():
+        try:
+            samples = run_dir.read_deploy_samples()
+        except SchemaError as e:
+            raise IncompleteRun(str(e)) from None
+        samples = samples[samples["step"] == deploy.step]
     out = []
     for arm in arm_names(deploy):
         train_frame, eval_frame = _arm_frames(arm, train, evals)
+        view = arm if arm in deploy.routers else AS_TRAINED
         out.append(Run(name=run_dir.name, deploy=_arm_deploy(deploy, arm), train=train_frame, evals=eval_frame,
                        router=dict(routers.get(arm) or {}),
-                       gq={k: v for k, v in gq.items() if k not in PER_SEED_GQ_FIELDS}))
+                       gq={k: v for k, v in gq.items() if k not in PER_SEED_GQ_FIELDS},
+                       samples=None if samples is None else samples[samples["view"] == view].reset_index(drop=True)))
     return out
 
 

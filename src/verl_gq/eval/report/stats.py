@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 TEST_NAME = "paired two-sided t-test across seeds (scipy.stats.ttest_rel)"
@@ -63,3 +64,37 @@ def paired_t_test(arm: Mapping[int, float], baseline: Mapping[int, float]) -> Pa
     half = float(stats.t.ppf(0.975, len(seeds) - 1)) * sem_diff
     return PairedTest(seeds, mean_diff, sem_diff, float(result.statistic), float(result.pvalue), "",
                       (mean_diff - half, mean_diff + half))
+
+
+def holm(p_values: Mapping[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment of a family of p-values (family-wise error <= alpha): the i-th smallest p times
+    (m - i + 1), made monotone, capped at 1."""
+    order = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for rank, key in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p_values[key]))
+        adjusted[key] = running
+    return adjusted
+
+
+def prompt_clustered_se(arm: Mapping[int, "pd.DataFrame"], baseline: Mapping[int, "pd.DataFrame"],
+                        metric: str) -> Optional[float]:
+    """Standard error of the paired difference (arm - baseline) in `metric` clustered by prompt, from per-sample
+    outcomes by seed: each (seed, prompt) cell is the difference of the two views' mean over that prompt's samples;
+    a prompt's cluster value is its cells' mean over seeds; SE = their sample std / sqrt(number of prompts). None when
+    fewer than 2 seeds pair, or the paired seeds do not share one prompt set."""
+    seeds = sorted(set(arm) & set(baseline))
+    if len(seeds) < 2:
+        return None
+    cells = []
+    for seed in seeds:
+        mine = arm[seed].groupby("prompt")[metric].mean()
+        theirs = baseline[seed].groupby("prompt")[metric].mean()
+        if set(mine.index) != set(theirs.index):
+            return None
+        cells.append((mine - theirs.reindex(mine.index)).rename(seed))
+    frame = pd.concat(cells, axis=1)
+    if frame.isna().any().any() or len(frame) < 2:
+        return None
+    clusters = frame.mean(axis=1).to_numpy(dtype=np.float64)
+    return float(clusters.std(ddof=1) / math.sqrt(len(clusters)))

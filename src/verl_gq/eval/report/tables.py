@@ -17,7 +17,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from verl_gq.eval.report.collect import Run, RunSet, differing_fields, eval_settings
-from verl_gq.eval.report.stats import TEST_NAME, mean_sem, paired_t_test
+from verl_gq.eval.report.stats import TEST_NAME, holm, mean_sem, paired_t_test, prompt_clustered_se
 
 # the router settings the ablation table shows (empty for vanilla and as_trained)
 ABLATION_CONFIG_FIELDS = ("granularity", "direction", "band", "match", "refresh", "direction_modes")
@@ -125,6 +125,23 @@ def _delta_text(row: dict[str, Any], prefix: str) -> str:
            f"{interval} (n={row[f'n_pairs_{prefix}']})"
 
 
+def _samples_by_seed(runs: Sequence[Run]) -> dict[int, pd.DataFrame]:
+    return {run.seed: run.samples for run in runs if run.samples is not None}
+
+
+def _se_text(se: Optional[float]) -> str:
+    se = _nan_none(se)
+    return "n/a" if se is None else f"{se:.3f}"
+
+
+def _p_holm_text(row: dict[str, Any], prefix: str, alpha: float) -> str:
+    if row[f"note_{prefix}"] == "baseline":
+        return "—"
+    text = _p_text(row[f"p_{prefix}"], row[f"note_{prefix}"], alpha)
+    adjusted = _nan_none(row.get(f"p_{prefix}_holm"))
+    return text if adjusted is None else f"{text} [{adjusted:.3g}{' *' if adjusted < alpha else ''}]"
+
+
 def _test_note(alpha: float, baseline: str) -> str:
     return (f"Mean ± SEM over seeds (SEM = sample std / sqrt(n)). Δ = paired mean over common seeds of "
             f"(arm − {baseline}), [95% t interval of that mean], n = pairs. Test: {TEST_NAME}, assuming roughly normal per-seed differences; "
@@ -146,8 +163,14 @@ def keynote_table(runset: RunSet, baseline: str, alpha: float) -> Table:
             values = _per_seed(runs, value)
             row.update(_summary(f"deploy_{name}", values))
             row.update(_comparison(name, values, _per_seed(base_runs, value), blocker))
+            row[f"delta_{name}_se_prompt"] = None if blocker else prompt_clustered_se(
+                _samples_by_seed(runs), _samples_by_seed(base_runs), name)
         row["alpha"] = alpha
         rows.append(row)
+    for name in metrics:  # Holm over the arms compared in this table, per outcome
+        adjusted = holm({r["arm"]: r[f"p_{name}"] for r in rows if r[f"p_{name}"] is not None})
+        for r in rows:
+            r[f"p_{name}_holm"] = adjusted.get(r["arm"])
     frame = _frame(rows)
     display = pd.DataFrame({
         "arm": frame["arm"],
@@ -155,12 +178,15 @@ def keynote_table(runset: RunSet, baseline: str, alpha: float) -> Table:
         "deploy hack": [_mean_sem_text(r["deploy_hack_mean"], r["deploy_hack_sem"], r["n_seeds"]) for r in rows],
         "deploy solve": [_mean_sem_text(r["deploy_solve_mean"], r["deploy_solve_sem"], r["n_seeds"]) for r in rows],
         f"Δ hack vs {baseline}": [_delta_text(r, "hack") for r in rows],
-        "p (hack)": [_p_text(r["p_hack"], r["note_hack"], alpha) if r["note_hack"] != "baseline" else "—" for r in rows],
+        "SE by prompt (hack)": [_se_text(r["delta_hack_se_prompt"]) for r in rows],
+        "p (hack) [Holm]": [_p_holm_text(r, "hack", alpha) for r in rows],
         f"Δ solve vs {baseline}": [_delta_text(r, "solve") for r in rows],
-        "p (solve)": [_p_text(r["p_solve"], r["note_solve"], alpha) if r["note_solve"] != "baseline" else "—"
-                      for r in rows],
+        "SE by prompt (solve)": [_se_text(r["delta_solve_se_prompt"]) for r in rows],
+        "p (solve) [Holm]": [_p_holm_text(r, "solve", alpha) for r in rows],
     })
-    note = _test_note(alpha, baseline)
+    note = (f"{_test_note(alpha, baseline)} [Holm]: p adjusted over the arms this table compares. SE by prompt: the "
+            f"paired difference's standard error clustered by prompt, from the per-sample outcomes (n/a without "
+            f"them, as in runs written before they were kept).")
     if all(row["n_seeds"] < 2 for row in rows):  # nothing can be compared: the rates alone
         display = display[["arm", "seeds (n)", "deploy hack", "deploy solve"]]
         note = "One seed per arm: rates only; comparisons need at least 2 seeds of an arm and the baseline."
