@@ -145,6 +145,9 @@ def test_paired_t_test_matches_closed_forms_and_scipy():
     assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(two.ci95, (2 - half, 2 + half)))
     scipy_ci = stats.ttest_rel([11, 22, 36], [10, 20, 30]).confidence_interval(0.95)
     assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(test.ci95, (scipy_ci.low, scipy_ci.high)))
+    # exact signed-rank: differences 1, 2, 6 all positive; of the 2^3 sign patterns only all-positive and
+    # all-negative are as extreme, so p = 2/8
+    assert math.isclose(test.p_wilcoxon, 0.25, rel_tol=1e-12)
     # the sign follows arm - baseline and seeds only in one arm are not paired
     swapped = paired_t_test({**base, 7: 0.0}, arm)
     assert swapped.mean_diff == -3.0 and swapped.n_pairs == 3 and math.isclose(swapped.p, test.p, rel_tol=1e-12)

@@ -43,6 +43,8 @@ class PairedTest:
     p: Optional[float]
     note: str
     ci95: Optional[tuple[float, float]] = None
+    p_wilcoxon: Optional[float] = None  # exact signed-rank test of the same differences (robustness; needs >= 6 pairs
+                                        # to reach p < 0.05 two-sided)
 
     @property
     def n_pairs(self) -> int:
@@ -62,8 +64,10 @@ def paired_t_test(arm: Mapping[int, float], baseline: Mapping[int, float]) -> Pa
         return PairedTest(seeds, mean_diff, sem_diff, None, None, "n/a (all paired differences equal)")
     result = stats.ttest_rel([arm[s] for s in seeds], [baseline[s] for s in seeds])
     half = float(stats.t.ppf(0.975, len(seeds) - 1)) * sem_diff
+    nonzero = [d for d in diffs if d != 0]
+    p_wilcoxon = float(stats.wilcoxon(nonzero).pvalue) if nonzero else None
     return PairedTest(seeds, mean_diff, sem_diff, float(result.statistic), float(result.pvalue), "",
-                      (mean_diff - half, mean_diff + half))
+                      (mean_diff - half, mean_diff + half), p_wilcoxon)
 
 
 def holm(p_values: Mapping[str, float]) -> dict[str, float]:

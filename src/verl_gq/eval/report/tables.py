@@ -98,13 +98,13 @@ def _summary(prefix: str, values: dict[int, float]) -> dict[str, Any]:
 def _comparison(prefix: str, values: dict[int, float], base: dict[int, float], blocker: str) -> dict[str, Any]:
     if blocker:
         return {f"delta_{prefix}": None, f"delta_{prefix}_sem": None, f"delta_{prefix}_ci95_low": None,
-                f"delta_{prefix}_ci95_high": None, f"p_{prefix}": None, f"n_pairs_{prefix}": None,
-                f"note_{prefix}": blocker}
+                f"delta_{prefix}_ci95_high": None, f"p_{prefix}": None, f"p_{prefix}_wilcoxon": None,
+                f"n_pairs_{prefix}": None, f"note_{prefix}": blocker}
     test = paired_t_test(values, base)
     low, high = test.ci95 or (None, None)
     return {f"delta_{prefix}": test.mean_diff, f"delta_{prefix}_sem": test.sem_diff, f"delta_{prefix}_ci95_low": low,
-            f"delta_{prefix}_ci95_high": high, f"p_{prefix}": test.p, f"n_pairs_{prefix}": test.n_pairs,
-            f"note_{prefix}": test.note}
+            f"delta_{prefix}_ci95_high": high, f"p_{prefix}": test.p, f"p_{prefix}_wilcoxon": test.p_wilcoxon,
+            f"n_pairs_{prefix}": test.n_pairs, f"note_{prefix}": test.note}
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -186,7 +186,8 @@ def keynote_table(runset: RunSet, baseline: str, alpha: float) -> Table:
     })
     note = (f"{_test_note(alpha, baseline)} [Holm]: p adjusted over the arms this table compares. SE by prompt: the "
             f"paired difference's standard error clustered by prompt, from the per-sample outcomes (n/a without "
-            f"them, as in runs written before they were kept).")
+            f"them, as in runs written before they were kept). keynote.csv also holds the exact Wilcoxon signed-rank p of the "
+            f"same differences (p_hack_wilcoxon, p_solve_wilcoxon; zero differences dropped).")
     if all(row["n_seeds"] < 2 for row in rows):  # nothing can be compared: the rates alone
         display = display[["arm", "seeds (n)", "deploy hack", "deploy solve"]]
         note = "One seed per arm: rates only; comparisons need at least 2 seeds of an arm and the baseline."
