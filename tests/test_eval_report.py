@@ -54,7 +54,8 @@ def block(hack: list[int], solve: list[int]) -> EvalBlock:
 def write_run(root: Path, name: str, *, arm: str, seed: int, hack: int | None = None,
               hack_by_mode: list[int] | None = None, solve: int = 2, steps: int = 4, frout: float = 0.25,
               held_out: tuple[str, ...] = (), temperature: float = 0.7, gq: dict | None = None,
-              routers: dict[str, int] | None = None, with_samples: bool = False) -> RunDir:
+              routers: dict[str, int] | None = None, with_samples: bool = False,
+              git_commit: str | None = "abc123") -> RunDir:
     """A complete run through the real writers. arm "vanilla": a run without routers whose as-trained deploy hack is
     as given. Any other arm: a run with that router (deploy hack as given, as-trained deploy hack = it + 2, router
     config `gq`, held-out modes `held_out`) and the further `routers` ({name: deploy hack}). Train rows 1..steps
@@ -89,7 +90,7 @@ def write_run(root: Path, name: str, *, arm: str, seed: int, hack: int | None = 
                 routers={r: RouterEval(held_out_modes=list(held_out) if r == arm else [],
                                        deployed=block(h, spread(solve))) for r, h in named.items()},
                 train_content_sha256=run.train_content_sha256(), created_at="2025-06-01T12:00:00+00:00",
-                git_commit="abc123"), samples)
+                git_commit=git_commit), samples)
     return run
 
 
@@ -224,6 +225,36 @@ def test_keynote_clusters_by_prompt_from_the_runs_per_sample_outcomes_and_adjust
     assert len(compared) == 2 and frame["p_hack_holm"].dropna().to_dict() == holm(compared.to_dict())
     bare = keynote_table(collect_runs(write_keynote_runs(tmp_path / "bare") or tmp_path / "bare"), "vanilla", 0.05)
     assert pd.isna(bare.frame.set_index("arm").loc["route2b", "delta_hack_se_prompt"]), "no samples: n/a"
+
+
+def test_preregistered_tables_hold_only_runs_made_after_the_preregistration(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    commits = []
+    for name in ("before", "prereg", "after"):
+        (repo / name).write_text(name)
+        git("add", name)
+        git("commit", "-qm", name)
+        commits.append(git("rev-parse", "HEAD"))
+    before, prereg, after = commits
+    runs = tmp_path / "runs"
+    for seed, commit in ((0, prereg), (1, after), (2, before), (3, f"{after}-dirty"), (4, None)):
+        write_run(runs, f"vanilla_s{seed}", arm="vanilla", seed=seed, hack=4, git_commit=commit)
+    runset = collect_runs(runs, after_commit=prereg, repo=repo)
+    assert [r.seed for r in runset.arms["vanilla"]] == [0, 1], "the preregistration's own commit and later ones"
+    why = {p.subject: p.message for p in runset.problems if p.excluded}
+    assert why == {
+        "run vanilla_s2": f"not a preregistered run: its commit {before} does not descend from {prereg}",
+        "run vanilla_s3": f"not a preregistered run: it ran with uncommitted changes on top of {after}",
+        "run vanilla_s4": f"not a preregistered run: its evaluation records no source commit: it cannot be shown to "
+                          f"follow {prereg}"}
+    assert len(collect_runs(runs).arms["vanilla"]) == 5, "without the option every complete run counts"
 
 
 def test_the_routers_of_one_run_are_arms_paired_by_seed_with_the_run_as_trained(tmp_path):

@@ -3,12 +3,14 @@
 it. Reads only run artifacts (docs/outputs.md).
 
     verl-gq report out/runs [--out out/report] [--baseline ARM] [--alpha 0.05] [--seeds 41 42 43]
-                   [--long-run-arms A B] [--strict]
+                   [--long-run-arms A B] [--strict] [--preregistered REV]
 
 Arms: each router's deployed model, `<experiment>:as_trained` (a run with routers as trained: vanilla's training by
 construction) and `vanilla` (a run without routers); every arm is compared with the baseline, paired by seed; the
 baseline defaults to the one as-trained arm if there is exactly one, else vanilla. Every run or seed left out is
-named in problems.txt and on stderr; --strict exits 1 if there is any.
+named in problems.txt and on stderr; --strict exits 1 if there is any. --preregistered REV leaves out every run whose
+recorded commit does not descend from REV in this checkout (or records none, or was dirty): a preregistered study's
+tables hold only runs made after its preregistration.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-run-arms", nargs="+",
                         help="arms of the long-run figure (default: arms that ran past the baseline's step)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any run or seed is missing or left out")
+    parser.add_argument("--preregistered", metavar="REV",
+                        help="leave out every run whose recorded commit does not descend from REV (the "
+                             "preregistration's commit) in the git checkout of the current directory")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or args.runs.resolve().parent / "report"
     out.mkdir(parents=True, exist_ok=True)
     try:
-        runset = collect_runs(args.runs, args.seeds)
+        runset = collect_runs(args.runs, args.seeds, after_commit=args.preregistered)
     except FileNotFoundError as error:
         raise CommandError(str(error)) from None
     baseline = args.baseline or default_baseline(list(runset.arms))

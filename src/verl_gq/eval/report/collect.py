@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class Run:
     router: dict[str, Any]
     gq: dict[str, Any]
     samples: Optional[pd.DataFrame] = None
+    commit: Optional[str] = None  # the source commit its evaluation recorded (per_mode_deploy.json's git_commit)
 
     @property
     def arm(self) -> str:
@@ -221,8 +223,25 @@ def load_run(run_dir: RunDir) -> list[Run]:
         out.append(Run(name=run_dir.name, deploy=_arm_deploy(deploy, arm), train=train_frame, evals=eval_frame,
                        router=dict(routers.get(arm) or {}),
                        gq={k: v for k, v in gq.items() if k not in PER_SEED_GQ_FIELDS},
-                       samples=None if samples is None else samples[samples["view"] == view].reset_index(drop=True)))
+                       samples=None if samples is None else samples[samples["view"] == view].reset_index(drop=True),
+                       commit=deploy.git_commit))
     return out
+
+
+def commit_problem(commit: Optional[str], after: str, repo: Path) -> Optional[str]:
+    """Why a run's recorded commit does not show that it ran after commit `after` in the git checkout `repo` (the
+    preregistration's rule: its commit precedes every study run's); None when it does."""
+    if commit is None:
+        return f"its evaluation records no source commit: it cannot be shown to follow {after}"
+    if commit.endswith("-dirty"):
+        return f"it ran with uncommitted changes on top of {commit.removesuffix('-dirty')}"
+    check = subprocess.run(["git", "merge-base", "--is-ancestor", after, commit], cwd=repo, capture_output=True,
+                           text=True)
+    if check.returncode == 1:
+        return f"its commit {commit} does not descend from {after}"
+    if check.returncode != 0:
+        return f"git cannot place its commit {commit} after {after} in {repo}: {check.stderr.strip()}"
+    return None
 
 
 def eval_settings(deploy: ArmDeploy) -> dict[str, Any]:
@@ -251,8 +270,11 @@ class RunSet:
     excluded_runs: list[str] = field(default_factory=list)
 
 
-def collect_runs(root: Path, expected_seeds: Optional[Sequence[int]] = None) -> RunSet:
-    """Every subfolder of `root` is a run; return the usable arms' runs by arm (sorted by seed) and the problems."""
+def collect_runs(root: Path, expected_seeds: Optional[Sequence[int]] = None, after_commit: Optional[str] = None,
+                 repo: Path = Path(".")) -> RunSet:
+    """Every subfolder of `root` is a run; return the usable arms' runs by arm (sorted by seed) and the problems.
+    With `after_commit`, a run whose recorded commit does not descend from it in the checkout `repo` is left out
+    (`commit_problem`)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder of runs")
@@ -264,10 +286,17 @@ def collect_runs(root: Path, expected_seeds: Optional[Sequence[int]] = None) -> 
     loaded: list[Run] = []
     for folder in tqdm(folders, desc=f"{root}: runs", unit="run", disable=None):
         try:
-            loaded.extend(load_run(RunDir(folder)))
+            arms_of_run = load_run(RunDir(folder))
         except IncompleteRun as e:
             problems.append(Problem(f"run {folder.name}", str(e), excluded=True))
             excluded.append(folder.name)
+            continue
+        why = commit_problem(arms_of_run[0].commit, after_commit, repo) if after_commit and arms_of_run else None
+        if why is not None:
+            problems.append(Problem(f"run {folder.name}", f"not a preregistered run: {why}", excluded=True))
+            excluded.append(folder.name)
+            continue
+        loaded.extend(arms_of_run)
 
     by_key: dict[tuple[str, int], list[Run]] = defaultdict(list)
     for run in loaded:
