@@ -224,25 +224,22 @@ def check_run(gq: GQConfig, model_config: Any, ulysses: int = 1) -> None:
     if gq.routers and ulysses > 1:
         raise GQConfigError(f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={ulysses}: routers need each "
                             "rollout's positions on one rank (its gradient is summed before gating); use 1")
-    if any(spec.needs_direction for spec in gq.router_specs):
-        try:
-            pairs = read_pairs(resolve_pair_file(gq.pair_file))
-        except (PairFileError, FileNotFoundError) as error:
-            raise GQConfigError(f"gq.pair_file: {error}") from None
-        for spec in gq.router_specs:
-            if not spec.needs_direction:
-                continue
-            modes = set(spec.direction_modes)
-            count = sum(1 for pair in pairs if not modes or pair.mode in modes)
-            if count < MIN_PAIRS:
-                raise GQConfigError(f"gq.routers.{spec.name}: {gq.pair_file} has {count} pairs of modes "
-                                    f"{sorted(modes) or 'all'}; its direction and band need at least {MIN_PAIRS}")
+    directed = [spec for spec in gq.router_specs if spec.needs_direction]
     monitor = gq.monitor_spec
-    if monitor is not None and monitor.kind == "probe":
+    probe = monitor is not None and monitor.kind == "probe"
+    pairs = []
+    if directed or probe:
         try:
             pairs = read_pairs(resolve_pair_file(gq.pair_file))
         except (PairFileError, FileNotFoundError) as error:
             raise GQConfigError(f"gq.pair_file: {error}") from None
+    for spec in directed:
+        modes = set(spec.direction_modes)
+        count = sum(1 for pair in pairs if not modes or pair.mode in modes)
+        if count < MIN_PAIRS:
+            raise GQConfigError(f"gq.routers.{spec.name}: {gq.pair_file} has {count} pairs of modes "
+                                f"{sorted(modes) or 'all'}; its direction and band need at least {MIN_PAIRS}")
+    if probe:
         unknown = sorted(set(monitor.modes) - set(MODES))
         if unknown:
             raise GQConfigError(f"gq.monitor.modes: unknown modes {unknown}; known: {list(MODES)}")
@@ -252,7 +249,7 @@ def check_run(gq: GQConfig, model_config: Any, ulysses: int = 1) -> None:
                                 f"the probe's fit and held-out threshold need at least {MIN_PAIRS}")
     path = model.get("path")
     if path and Path(str(path)).is_dir():  # a hub name is checked by the engine once the model is fetched
-        check_model(gq, Path(str(path)), pairs if any(spec.needs_direction for spec in gq.router_specs) else [])
+        check_model(gq, Path(str(path)), pairs if directed else [])
 
 
 def check_model(gq: GQConfig, model_dir: Path, pairs: list) -> None:
