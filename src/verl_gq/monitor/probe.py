@@ -9,6 +9,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from verl_gq.monitor.config import MonitorSpec
+from verl_gq.routing.calibration import auc
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,6 @@ def _logistic_regression(x: np.ndarray, y: np.ndarray, l2: float, iterations: in
     return theta[:-1], float(theta[-1])
 
 
-def _auc(negative: np.ndarray, positive: np.ndarray) -> float:
-    """P(a positive scores above a negative), ties counted half."""
-    diff = positive[:, None] - negative[None, :]
-    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
-
-
 def fit_probe(clean: np.ndarray, hack: np.ndarray, *, heldout_fraction: float, fpr: float, l2: float,
               seed: int) -> ProbeFit:
     """A probe from pair features only: row i of `clean` and of `hack` are pair i's two completions. The pairs are
@@ -104,7 +99,7 @@ def fit_probe(clean: np.ndarray, hack: np.ndarray, *, heldout_fraction: float, f
     probe = LinearProbe(mean, scale, weight, bias, threshold)
     return ProbeFit(probe=probe, n_fit_pairs=len(fit), n_heldout_pairs=n_heldout,
                     heldout_fpr=float((clean_held > threshold).mean()), heldout_tpr=float((hack_held > threshold).mean()),
-                    heldout_auc=_auc(clean_held, hack_held))
+                    heldout_auc=auc(clean_held, hack_held))
 
 
 def flag_quality(flags: np.ndarray, hack: np.ndarray) -> dict[str, Optional[float]]:

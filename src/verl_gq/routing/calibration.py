@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from verl_gq.routing.band import assign_folds, calibrate_band
@@ -39,6 +40,12 @@ class HeldOutSetting:
 
     def row(self) -> dict:
         return {**asdict(self), "separation": self.separation}
+
+
+def auc(negative, positive) -> float:
+    """P(a positive scores above a negative), ties counted half (arrays or tensors of scores)."""
+    diff = np.asarray(positive, dtype=np.float64)[:, None] - np.asarray(negative, dtype=np.float64)[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
 
 
 def held_out_settings(grads: PairGradients, modes: Sequence[str], ranks: Sequence[int],
@@ -66,13 +73,10 @@ def held_out_settings(grads: PairGradients, modes: Sequence[str], ranks: Sequenc
                 routed_clean.append(band.weights(clean).double())
                 hack_scores.append(hack)
                 clean_scores.append(clean)
-            hack_all, clean_all = torch.cat(hack_scores), torch.cat(clean_scores)
-            diff = hack_all[:, None] - clean_all[None, :]
-            auc = float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
             results.append(HeldOutSetting(
                 direction_rank=k, clean_quantile=clean_q, hack_quantile=hack_q,
                 routed_hack=float(torch.cat(routed_hack).mean()), routed_clean=float(torch.cat(routed_clean).mean()),
-                auc=auc, degenerate_folds=degenerate))
+                auc=auc(torch.cat(clean_scores), torch.cat(hack_scores)), degenerate_folds=degenerate))
     return results
 
 
