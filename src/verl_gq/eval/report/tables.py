@@ -144,8 +144,9 @@ def _p_holm_text(row: dict[str, Any], prefix: str, alpha: float) -> str:
 
 def _test_note(alpha: float, baseline: str) -> str:
     return (f"Mean ± SEM over seeds (SEM = sample std / sqrt(n)). Δ = paired mean over common seeds of "
-            f"(arm − {baseline}), [95% t interval of that mean], n = pairs. Test: {TEST_NAME}, assuming roughly normal per-seed differences; "
-            f"alpha = {alpha}; * marks p < alpha; p is not adjusted for the number of arms compared. "
+            f"(arm − {baseline}), [95% t interval of that mean], n = pairs. Test: {TEST_NAME}, assuming roughly "
+            f"normal per-seed differences; alpha = {alpha}; * marks p < alpha; p is not adjusted for the number of "
+            f"arms compared. "
             f"Arms with one seed or other eval settings are shown but not compared.")
 
 
@@ -186,8 +187,8 @@ def keynote_table(runset: RunSet, baseline: str, alpha: float) -> Table:
     })
     note = (f"{_test_note(alpha, baseline)} [Holm]: p adjusted over the arms this table compares. SE by prompt: the "
             f"paired difference's standard error clustered by prompt, from the per-sample outcomes (n/a without "
-            f"them, as in runs written before they were kept). keynote.csv also holds the exact Wilcoxon signed-rank p of the "
-            f"same differences (p_hack_wilcoxon, p_solve_wilcoxon; zero differences dropped).")
+            f"them, as in runs written before they were kept). keynote.csv also holds the exact Wilcoxon "
+            f"signed-rank p of the same differences (p_hack_wilcoxon, p_solve_wilcoxon; zero differences dropped).")
     if all(row["n_seeds"] < 2 for row in rows):  # nothing can be compared: the rates alone
         display = display[["arm", "seeds (n)", "deploy hack", "deploy solve"]]
         note = "One seed per arm: rates only; comparisons need at least 2 seeds of an arm and the baseline."
